@@ -1,0 +1,203 @@
+"""Pure train and eval step functions (jitted by the caller with explicit shardings)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict
+
+from vcmamba_jax import data as data_lib
+from vcmamba_jax.train.optim import Schedule
+from vcmamba_jax.train.state import TrainState, ema_update
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses.
+# ------------------------------------------------------------------------------------------------
+
+
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """timm SoftTargetCrossEntropy per example: -sum(targets * log_softmax(logits)), float32 [B]."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
+
+
+def two_head_loss(out: Mapping[str, jax.Array], targets: jax.Array,
+                  dist_head_weight: float) -> jax.Array:
+  """(1 - w) * CE(head) + w * CE(dist_head), each averaged over the batch (float32 scalar).
+
+  With w = 0.5 and one-hot targets this is the loss of the golden reference tests; it stands in
+  for DeiT's distillation loss (0.5 * CE(head) + 0.5 * KD(dist_head, teacher)) without a teacher.
+  """
+  loss = (1.0 - dist_head_weight) * soft_target_cross_entropy(out['logits_head'], targets).mean()
+  if dist_head_weight:
+    loss += dist_head_weight * soft_target_cross_entropy(out['logits_dist'], targets).mean()
+  return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# Train step.
+# ------------------------------------------------------------------------------------------------
+
+
+def augment_batch(rng: jax.Array, batch: Batch, config: ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """uint8 images + int labels -> normalised, erased, mixed float32 images and soft targets.
+
+  The DeiT order: normalise -> random erasing -> mixup/cutmix (with smoothed one-hot targets).
+  """
+  aug = config.aug
+  erase_rng, mix_rng = jax.random.split(rng)
+  images = data_lib.normalize(batch['image'])
+  if aug.random_erasing_prob > 0:
+    images = data_lib.random_erasing(erase_rng, images, prob=aug.random_erasing_prob,
+                                       mode=aug.random_erasing_mode)
+  return data_lib.mixup_cutmix(
+      mix_rng, images, batch['label'], num_classes=config.model.num_classes,
+      mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
+      switch_prob=aug.mixup_switch_prob, prob=aug.mixup_prob,
+      label_smoothing=aug.label_smoothing)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: Schedule,
+    config: ConfigDict,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Returns `train_step(state, batch) -> (state, metrics)`.
+
+  `batch`: global arrays image uint8 [B, H, W, 3], label int32 [B] and, optionally, num_skipped
+  int32 [B] (undecodable records the input pipeline skipped, reported as a metric).
+  `metrics`: float32/int32 scalars loss, grad_norm, param_norm, lr, update_ok (False when the
+  loss or gradients were non-finite), skipped_records.
+  """
+  ema_decay = config.ema_decay
+  skip_nonfinite = config.skip_nonfinite_updates
+  nan_at_step = config.debug.nan_at_step
+  dist_head_weight = config.loss.dist_head_weight
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    aug_rng, drop_path_rng = jax.random.split(step_rng)
+    images, targets = augment_batch(aug_rng, batch, config)
+
+    def loss_fn(params):
+      (_, out), updates = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+          mutable=['batch_stats'], rngs={'drop_path': drop_path_rng})
+      loss = two_head_loss(out, targets, dist_head_weight)
+      if nan_at_step > 0:  # fault injection (tests): a NaN loss and NaN gradients at that step
+        loss = loss * jnp.where(state.step + 1 == nan_at_step, jnp.nan, 1.0)
+      return loss, updates['batch_stats']
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)
+    update_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+    if state.ema:
+      new = new.replace(ema=ema_update(state.ema, new.variables(), ema_decay))
+    if skip_nonfinite:
+      # Keep every array of the old state (weights, moments, BN statistics, EMA) on a bad step.
+      new = jax.tree.map(lambda n, o: jnp.where(update_ok, n, o), new, state)
+      new = new.replace(skipped_updates=state.skipped_updates + (~update_ok).astype(jnp.int32))
+    new = new.replace(step=state.step + 1)
+
+    metrics = {
+        'loss': loss,
+        'grad_norm': grad_norm,
+        'param_norm': optax.global_norm(new.params),
+        'lr': jnp.asarray(schedule(state.step), jnp.float32),
+        'update_ok': update_ok,
+        'skipped_updates': new.skipped_updates,
+    }
+    if 'num_skipped' in batch:
+      metrics['skipped_records'] = jnp.sum(batch['num_skipped'])
+    return new, metrics
+
+  return train_step
+
+
+# ------------------------------------------------------------------------------------------------
+# Eval step.
+# ------------------------------------------------------------------------------------------------
+
+
+def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                        top_k: int = 5) -> dict[str, jax.Array]:
+  """Masked sums over a batch: correct top-1 / top-k (int32) and cross-entropy (float32).
+
+  Ties go to the lower class index (as argmax and lax.top_k). Rows with mask False (padding)
+  contribute nothing, so summing over all batches of a split gives exact split-level counts.
+  """
+  logits = logits.astype(jnp.float32)
+  mask = mask.astype(bool)
+  k = min(top_k, logits.shape[-1])
+  _, top = jax.lax.top_k(logits, k)
+  hit = top == labels[:, None]
+  loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+  return {
+      'top1_correct': jnp.sum(hit[:, 0] & mask, dtype=jnp.int32),
+      'top5_correct': jnp.sum(jnp.any(hit, axis=-1) & mask, dtype=jnp.int32),
+      'loss_sum': jnp.sum(jnp.where(mask, loss, 0.0)),
+  }
+
+
+def make_eval_step(model: nn.Module) -> Callable[[dict[str, Any], Batch, Metrics], Metrics]:
+  """Returns `eval_step(weights, batch, sums) -> sums`, accumulating on the device.
+
+  `weights`: {name: {'params', 'batch_stats'}}, e.g. {'': raw, 'ema': ema}; every set sees the
+  same batch. `batch`: image uint8 [B, H, W, 3], label int32 [B], mask bool [B], optionally
+  num_skipped int32 [B]. `sums` (from `init_eval_sums`): `<name>/top1_correct`, ...,
+  plus `num_examples` and `skipped_records`.
+  """
+
+  def eval_step(weights: dict[str, Any], batch: Batch, sums: Metrics) -> Metrics:
+    images = data_lib.normalize(batch['image'])
+    new = {'num_examples': jnp.sum(batch['mask'], dtype=jnp.int32),
+           'skipped_records': jnp.sum(batch.get('num_skipped', jnp.zeros((), jnp.int32)),
+                                      dtype=jnp.int32)}
+    for name, variables in weights.items():
+      logits, _ = model.apply(variables, images, train=False)
+      for key, value in classification_sums(logits, batch['label'], batch['mask']).items():
+        new[f'{name}/{key}'] = value
+    return jax.tree.map(jnp.add, sums, new)
+
+  return eval_step
+
+
+def init_eval_sums(weight_names: list[str]) -> Metrics:
+  """Zero accumulators matching `make_eval_step`'s output."""
+  sums = {'num_examples': jnp.zeros((), jnp.int32), 'skipped_records': jnp.zeros((), jnp.int32)}
+  for name in weight_names:
+    sums[f'{name}/top1_correct'] = jnp.zeros((), jnp.int32)
+    sums[f'{name}/top5_correct'] = jnp.zeros((), jnp.int32)
+    sums[f'{name}/loss_sum'] = jnp.zeros((), jnp.float32)
+  return sums
+
+
+def summarize_eval(sums: Mapping[str, Any]) -> dict[str, float]:
+  """Host-side split metrics from fetched sums: `<prefix>top1`, `top5`, `loss` per weight set.
+
+  Raw weights get no prefix (`top1`), the EMA `ema_` (`ema_top1`).
+  """
+  count = int(sums['num_examples'])
+  out: dict[str, float] = {'num_examples': count, 'skipped_records': int(sums['skipped_records'])}
+  for key, value in sums.items():
+    if '/' not in key:
+      continue
+    name, what = key.split('/')
+    prefix = f'{name}_' if name else ''
+    metric = {'top1_correct': 'top1', 'top5_correct': 'top5', 'loss_sum': 'loss'}[what]
+    out[prefix + metric] = float(value) / max(count, 1)
+  return out

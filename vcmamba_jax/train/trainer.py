@@ -1,0 +1,438 @@
+"""The training loop (`train_and_evaluate`) and checkpoint evaluation (`evaluate`).
+
+Data flows one way: config -> mesh -> input pipeline -> sharded state -> jitted steps ->
+metrics and checkpoints. Rerunning the same command with the same workdir resumes from the
+latest checkpoint, with the same data order and randomness as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from vcmamba_jax import checkpoint as checkpoint_lib
+from vcmamba_jax import data as data_lib
+from vcmamba_jax import sharding as sharding_lib
+from vcmamba_jax.models import create_model
+from vcmamba_jax.train import metrics as metrics_lib
+from vcmamba_jax.train import optim, steps
+from vcmamba_jax.train import state as state_lib
+
+TRAIN_KEYS = ('image', 'label', 'num_skipped')
+EVAL_KEYS = ('image', 'label', 'mask', 'num_skipped')
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss or the gradients became NaN/Inf (and skip_nonfinite_updates is off)."""
+
+
+def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
+  """Entry point of `main.py` (and notebooks): `config.mode` 'train' or 'eval'."""
+  initialize_distributed(config.distributed)
+  if config.mode == 'train':
+    return train_and_evaluate(config, workdir)
+  if config.mode == 'eval':
+    return evaluate(config, workdir)
+  raise ValueError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-host set-up.
+# ------------------------------------------------------------------------------------------------
+
+
+def _multi_process_environment() -> bool:
+  """Whether the environment describes a job of several processes (see config.distributed)."""
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  for count_var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
+    if int(env.get(count_var, '1') or 1) > 1:
+      return True
+  hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES') or ''
+  return len([h for h in hosts.split(',') if h]) > 1
+
+
+def initialize_distributed(mode: str = 'auto') -> bool:
+  """Calls `jax.distributed.initialize()` for multi-process jobs; a no-op on a single host.
+
+  Args:
+    mode: 'auto' (initialise when `_multi_process_environment()`), 'on' or 'off'.
+
+  Returns:
+    Whether JAX runs distributed.
+  """
+  if mode not in ('auto', 'on', 'off'):
+    raise ValueError(f"config.distributed must be 'auto', 'on' or 'off', got {mode!r}")
+  if jax.distributed.is_initialized():
+    return True
+  if mode == 'off' or (mode == 'auto' and not _multi_process_environment()):
+    return False
+  jax.distributed.initialize()  # cluster auto-detection: SLURM, Open MPI, Cloud TPU, env vars
+  logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
+  return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks shared by training, evaluation and the benchmark.
+# ------------------------------------------------------------------------------------------------
+
+
+def model_kwargs(config: ConfigDict) -> dict[str, Any]:
+  """`create_model` options from `config.model` (everything but the name)."""
+  m = config.model
+  return dict(num_classes=m.num_classes, img_size=m.img_size, drop_path_rate=m.drop_path_rate,
+              dtype=jnp.dtype(m.dtype), scan_impl=m.scan_impl, remat_scan=m.remat_scan)
+
+
+def build_model(config: ConfigDict) -> nn.Module:
+  return create_model(config.model.name, **model_kwargs(config))
+
+
+def check_num_classes(config: ConfigDict) -> None:
+  num_classes = data_lib.get_num_classes(config.data.dataset, config.data.data_dir)
+  if num_classes != config.model.num_classes:
+    raise ValueError(
+        f'config.model.num_classes={config.model.num_classes} but {config.data.dataset} has '
+        f'{num_classes} classes; pass --config.model.num_classes={num_classes}.')
+
+
+def make_train_dataset(config: ConfigDict, source: Any) -> grain.IterDataset:
+  d = config.data
+  transform = data_lib.TrainTransform(
+      config.model.img_size, scale=tuple(d.rrc_scale), hflip_prob=d.hflip_prob,
+      randaugment=d.randaugment or None, interpolation=d.interpolation)
+  return data_lib.create_train_dataset(
+      source=source, global_batch_size=config.global_batch_size,
+      image_size=config.model.img_size, seed=config.seed, repeated_aug=d.repeated_aug,
+      num_workers=d.num_workers, num_threads=d.num_threads,
+      prefetch_batches=d.prefetch_batches, transform=transform)
+
+
+def make_eval_dataset(config: ConfigDict) -> grain.IterDataset:
+  d = config.data
+  return data_lib.create_eval_dataset(
+      source=data_lib.get_source(d.dataset, d.eval_split, d.data_dir),
+      global_batch_size=config.eval_batch_size, image_size=config.model.img_size,
+      crop_pct=d.eval_crop_pct, num_workers=d.num_workers, num_threads=d.num_threads)
+
+
+def jit_eval_step(model: nn.Module, mesh: Mesh, weight_shardings: Mapping[str, Any]):
+  """`eval_step(weights, batch, sums) -> sums` with explicit shardings (sums donated)."""
+  replicated = sharding_lib.replicated(mesh)
+  return jax.jit(steps.make_eval_step(model),
+                 in_shardings=(weight_shardings, sharding_lib.batch_sharding(mesh), replicated),
+                 out_shardings=replicated, donate_argnums=(2,))
+
+
+def run_evaluation(eval_step, weights: Mapping[str, Any], dataset: grain.IterDataset,
+                   mesh: Mesh) -> dict[str, float]:
+  """One exact pass over the eval split for every weight set: top1/top5/loss (+ ema_*)."""
+  sums = jax.device_put(steps.init_eval_sums(list(weights)), sharding_lib.replicated(mesh))
+  iterator = iter(dataset)
+  try:
+    for batch in iterator:
+      batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in EVAL_KEYS})
+      sums = eval_step(weights, batch, sums)
+  finally:
+    iterator.close()
+  return steps.summarize_eval(jax.device_get(sums))
+
+
+def load_weights(path: str, model: nn.Module, config: ConfigDict,
+                 with_ema: bool = False) -> tuple[dict[str, Any], str]:
+  """Weights from one of our checkpoints, an exported model dir or a PyTorch file, fitted to
+  `model` (pos_embed resized to its resolution, heads re-initialised if num_classes differs).
+
+  Returns:
+    ({'': {'params', 'batch_stats'}, 'ema': ... (our checkpoints with an EMA, if with_ema)},
+     a description of the source for logs).
+  """
+  from vcmamba_jax import convert  # noqa: PLC0415  (optional torch/safetensors readers)
+
+  state_dir = checkpoint_lib.find_training_checkpoint(path)
+  if state_dir is None:
+    _, variables = convert.load_pretrained(path, config.model.name, reinit_heads=True,
+                                           **model_kwargs(config))
+    return {'': variables}, f'pretrained weights {path}'
+  tree = checkpoint_lib.read_training_weights(state_dir)
+  sets = {'': {'params': tree['params'], 'batch_stats': tree['batch_stats']}}
+  if with_ema and tree.get('ema'):
+    sets['ema'] = tree['ema']
+  adapted = {}
+  for name, variables in sets.items():
+    adapted[name], reinitialised = convert.adapt_variables(variables, model, reinit_heads=True)
+    if reinitialised:
+      logging.info('Re-initialised %s (num_classes differs from %s).', reinitialised, path)
+  return adapted, f'checkpoint {os.path.dirname(state_dir)}'
+
+
+def _write_config(config: ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _check_batch_sizes(config: ConfigDict) -> None:
+  for name in ('global_batch_size', 'eval_batch_size'):
+    size = config[name]
+    if size <= 0 or size % jax.device_count():
+      raise ValueError(f'config.{name}={size} must be a positive multiple of the number of '
+                       f'devices ({jax.device_count()}).')
+
+
+# ------------------------------------------------------------------------------------------------
+# Training.
+# ------------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
+
+  Returns:
+    The last logged train metrics and eval metrics (`train/...`, `eval/...`), plus
+    'preempted': True when the run stopped early on SIGTERM (a checkpoint was saved).
+  """
+  workdir = os.path.abspath(workdir)
+  _check_batch_sizes(config)
+  _write_config(config, workdir)
+  writer = metrics_lib.MetricWriter(workdir)
+
+  # ----------------------------------------------------------------------------------------------
+  # Mesh and input pipeline.
+  # ----------------------------------------------------------------------------------------------
+  mesh = sharding_lib.create_mesh(config.mesh.fsdp)
+  logging.info('%d processes, %d devices (%s), mesh %s', jax.process_count(), jax.device_count(),
+               jax.devices()[0].device_kind, dict(mesh.shape))
+  check_num_classes(config)
+  train_source = data_lib.get_source(config.data.dataset, config.data.train_split,
+                                     config.data.data_dir)
+  steps_per_epoch = data_lib.train_steps_per_epoch(len(train_source), config.global_batch_size,
+                                                   config.data.repeated_aug)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * steps_per_epoch)
+  train_iter = iter(make_train_dataset(config, train_source))
+  eval_dataset = make_eval_dataset(config)
+  logging.info('%d train records, %d steps per epoch, %d steps in total (%.2f epochs).',
+               len(train_source), steps_per_epoch, total_steps, total_steps / steps_per_epoch)
+
+  # ----------------------------------------------------------------------------------------------
+  # Model, optimizer and the sharded state: restored, pretrained or fresh.
+  # ----------------------------------------------------------------------------------------------
+  model = build_model(config)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch)
+  tx = optim.create_optimizer(config, schedule)
+  init = state_lib.make_initializer(model, tx, image_size=config.model.img_size,
+                                    use_ema=config.ema_decay > 0)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(init, rng)
+  shardings = sharding_lib.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+  logging.info('%s: %.2fM parameters', config.model.name, num_params / 1e6)
+
+  manager = checkpoint_lib.create_manager(workdir, max_to_keep=config.keep_checkpoints)
+  latest = manager.latest_step()
+  if latest is not None:
+    state = checkpoint_lib.restore(manager, latest, abstract_state, shardings, train_iter)
+    logging.info('Resumed from %s/%d.', manager.directory, latest)
+  else:
+    state = state_lib.init_sharded(init, rng, shardings)
+    if config.init_from:
+      weights, source = load_weights(config.init_from, model, config)
+      state = state_lib.with_pretrained(state, shardings, weights[''])
+      logging.info('Initialised the weights from %s.', source)
+  start_step = int(jax.device_get(state.step))
+
+  # ----------------------------------------------------------------------------------------------
+  # Jitted steps: explicit shardings, donated state.
+  # ----------------------------------------------------------------------------------------------
+  replicated = sharding_lib.replicated(mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  train_step = jax.jit(steps.make_train_step(model, tx, schedule, config),
+                       in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+  eval_shardings = {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
+  if shardings.ema:
+    eval_shardings['ema'] = shardings.ema
+  eval_step = jit_eval_step(model, mesh, eval_shardings)
+
+  def evaluate_now(step: int) -> dict[str, Any]:
+    results = run_evaluation(eval_step, state.eval_weights(), eval_dataset, mesh)
+    results = {f'eval/{k}': v for k, v in results.items()}
+    writer.write(step, results)
+    logging.info('eval @ step %d: %s', step, _format_eval(results))
+    return results
+
+  # ----------------------------------------------------------------------------------------------
+  # The loop.
+  # ----------------------------------------------------------------------------------------------
+  chrono = metrics_lib.Chrono(total_steps, config.global_batch_size)
+  pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet fetched
+  last_checked = start_step  # metrics of steps up to here were finite
+  summary: dict[str, Any] = {}
+
+  def flush(step: int) -> dict[str, Any]:
+    """Fetches the pending metrics, stops on a non-finite update, writes the averages."""
+    nonlocal pending, last_checked
+    fetched = jax.device_get([m for _, m in pending])
+    step_ids = [s for s, _ in pending]
+    pending = []
+    if not config.skip_nonfinite_updates:
+      _raise_if_diverged(step_ids, fetched, last_checked, manager)
+    last_checked = step
+    logged = {'epoch': step / steps_per_epoch,
+              **{f'train/{k}': v for k, v in _average(fetched).items()},
+              **{f'train/{k}': v for k, v in chrono.measure(step).items()}}
+    writer.write(step, logged)
+    metrics_lib.log_progress(step, total_steps, step / steps_per_epoch, logged,
+                             chrono.eta_seconds(step))
+    return logged
+
+  try:
+    with checkpoint_lib.PreemptionWatcher() as preemption:
+      if start_step >= total_steps:
+        logging.info('Training already finished at step %d.', start_step)
+        summary.update(evaluate_now(start_step))
+      for step in range(start_step + 1, total_steps + 1):
+        batch = next(train_iter)
+        batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in TRAIN_KEYS})
+        state, step_metrics = train_step(state, batch)
+        pending.append((step, step_metrics))
+        if not chrono.started:  # the first step compiled: time from its end
+          jax.block_until_ready(step_metrics)
+          chrono.start(step)
+        if step == config.debug.sigterm_at_step:
+          os.kill(os.getpid(), signal.SIGTERM)
+
+        preempted = preemption.reached(step)
+        is_last = step == total_steps
+        epoch_done, epoch = step % steps_per_epoch == 0, step // steps_per_epoch
+        do_eval = is_last or (epoch_done and config.eval_every_epochs > 0
+                              and epoch % config.eval_every_epochs == 0)
+        do_save = is_last or preempted or step % config.checkpoint_every_steps == 0
+        if do_eval or do_save or step % config.log_every_steps == 0:
+          summary.update(flush(step))
+        chrono.pause()
+        if do_save:
+          checkpoint_lib.save(manager, step, state, train_iter)
+        if preempted:
+          manager.wait_until_finished()
+          logging.warning('Preempted: saved step %d in %s. Rerun the same command to resume.',
+                          step, manager.directory)
+          return {**summary, 'preempted': True}
+        if do_eval:
+          summary.update(evaluate_now(step))
+        chrono.resume()
+    manager.wait_until_finished()
+  finally:
+    manager.close()  # waits for a save in flight
+    writer.close()
+    train_iter.close()
+  return summary
+
+
+def _average(fetched: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+  """Averages over a log interval; sums the skipped records; the rest from the last step."""
+  ok = [m for m in fetched if m['update_ok']]
+  out: dict[str, Any] = {}
+  for key in ('loss', 'grad_norm'):
+    values = [float(m[key]) for m in ok]
+    out[key] = float(np.mean(values)) if values else float('nan')
+  last = fetched[-1]
+  out['param_norm'] = float(last['param_norm'])
+  out['lr'] = float(last['lr'])
+  out['skipped_updates'] = int(last['skipped_updates'])
+  if 'skipped_records' in last:
+    out['skipped_records'] = int(sum(int(m['skipped_records']) for m in fetched))
+  return out
+
+
+def _raise_if_diverged(step_ids: list[int], fetched: list[dict[str, np.ndarray]],
+                       last_checked: int, manager) -> None:
+  bad = [(s, m) for s, m in zip(step_ids, fetched) if not m['update_ok']]
+  if not bad:
+    return
+  first_step, first = bad[0]
+  loss, grad_norm = float(first['loss']), float(first['grad_norm'])
+  what = 'loss' if not np.isfinite(loss) else 'gradients'
+  kind = 'nan' if np.isnan(loss if what == 'loss' else grad_norm) else 'inf'
+  manager.wait_until_finished()
+  good = manager.latest_step()
+  raise TrainingDivergedError(
+      f'{what} became {kind} between steps {last_checked + 1} and {step_ids[-1]} (first at '
+      f'step {first_step}: loss={loss}, grad_norm={grad_norm}). Nothing was saved after step '
+      f'{last_checked}; the last checkpoint is ' +
+      (f'step {good} in {manager.directory}' if good is not None else 'none') +
+      '. Lower the learning rate, or set --config.skip_nonfinite_updates=True to skip such '
+      'updates.')
+
+
+def _format_eval(results: Mapping[str, Any]) -> str:
+  keys = [k for k in results if k.split('/')[-1] in ('top1', 'top5', 'loss', 'ema_top1',
+                                                      'ema_top5', 'ema_loss')]
+  return ', '.join(f'{k.split("/")[-1]} {results[k]:.4f}' for k in keys)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation of a checkpoint or of pretrained weights.
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates `config.eval_from` (default: the workdir's latest checkpoint, else
+  `config.init_from`) on `config.data.eval_split`: top-1/top-5/loss of the weights and, for
+  our checkpoints, of their EMA. Results go to the log, metrics.jsonl and the return value."""
+  workdir = os.path.abspath(workdir)
+  _check_batch_sizes(config)
+  source = config.eval_from
+  if not source and checkpoint_lib.find_training_checkpoint(workdir) is not None:
+    source = workdir
+  source = source or config.init_from
+  if not source:
+    raise ValueError(
+        f'Nothing to evaluate: {workdir} has no checkpoint and neither config.eval_from nor '
+        'config.init_from is set. Pass --config.eval_from=<workdir, checkpoint, exported model '
+        'dir or PyTorch file>.')
+
+  mesh = sharding_lib.create_mesh(config.mesh.fsdp)
+  check_num_classes(config)
+  model = build_model(config)
+  weights, description = load_weights(source, model, config, with_ema=True)
+  abstract = jax.eval_shape(lambda: weights)
+  weight_shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
+  weights = {name: state_lib.put_variables(w, weight_shardings[name])
+             for name, w in weights.items()}
+  eval_step = jit_eval_step(model, mesh, weight_shardings)
+  results = run_evaluation(eval_step, weights, make_eval_dataset(config), mesh)
+  results = {f'eval/{k}': v for k, v in results.items()}
+  step = _checkpoint_step(source)
+  writer = metrics_lib.MetricWriter(workdir)
+  try:
+    writer.write(step, {**results, 'eval/source': description})
+  finally:
+    writer.close()
+  logging.info('eval of %s: %s', description, _format_eval(results))
+  if jax.process_index() == 0:
+    logging.info('%s', json.dumps(results))
+  return results
+
+
+def _checkpoint_step(path: str) -> int:
+  state_dir = checkpoint_lib.find_training_checkpoint(path)
+  if state_dir is None:
+    return 0
+  return int(os.path.basename(os.path.dirname(state_dir)))
+
