@@ -53,7 +53,7 @@ class PlainMamba2D(nn.Module):
     expand: int = EXPAND
     d_conv: int = D_CONV
     scan_mode: ScanMode = "upstream"
-    scan_impl: scan_lib.ScanImpl = "associative"
+    scan_impl: scan_lib.ScanImpl = "auto"
     remat_scan: bool = True
     dtype: Dtype = jnp.float32
 
@@ -127,7 +127,7 @@ class PlainMambaLayer(nn.Module):
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
     scan_mode: ScanMode = "upstream"
-    scan_impl: scan_lib.ScanImpl = "associative"
+    scan_impl: scan_lib.ScanImpl = "auto"
     remat_scan: bool = True
     dtype: Dtype = jnp.float32
 

@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ScanImpl = Literal["associative", "sequential"]
+from vcmamba_jax.models import scan_pallas
+
+ScanImpl = Literal["auto", "associative", "sequential", "fused"]
+SCAN_IMPLS = ("auto", "associative", "sequential", "fused")
 
 # Direction codes of the zig-zag scans: the move that arrives at a token.
 DIR_START, DIR_RIGHT, DIR_LEFT, DIR_UP, DIR_DOWN = 0, 1, 2, 3, 4
@@ -148,14 +151,21 @@ def selective_scan(
       D: optional [E] skip.
       delta_bias: optional [E] added to delta before softplus.
       delta_softplus: apply softplus to delta (mamba's ``delta_softplus=True``).
-      impl: 'associative' (``jax.lax.associative_scan``, the default) or 'sequential'
-        (``jax.lax.scan``, the reference).
+      impl: 'associative' (``jax.lax.associative_scan``, the default), 'sequential'
+        (``jax.lax.scan``, the reference), 'fused' (Pallas GPU kernels, see scan_pallas) or
+        'auto' ('fused' on GPUs for short sequences, else 'associative').
 
     Returns:
       y: [..., L, E] in ``u.dtype``.
     """
-    if impl not in _RECURRENCES:
-        raise ValueError(f"unknown scan impl {impl!r}; expected one of {sorted(_RECURRENCES)}")
+    if impl not in SCAN_IMPLS:
+        raise ValueError(f"unknown scan impl {impl!r}; expected one of {SCAN_IMPLS}")
+    if impl == "auto":
+        supported = scan_pallas.fused_scan_supported(u.shape[-2], u.shape[-1])
+        impl = "fused" if supported and delta_softplus else "associative"
+    if impl == "fused":
+        return scan_pallas.selective_scan_fused(u, delta, A, B, C, D, delta_bias,
+                                                delta_softplus=delta_softplus)
     f32 = jnp.float32
     out_dtype = u.dtype
     u, delta, A, B, C = (x.astype(f32) for x in (u, delta, A, B, C))

@@ -101,7 +101,7 @@ class Stage(nn.Module):
     drop_path_rates: Sequence[float]
     pos_embed_grid: int | None = None
     scan_mode: ScanMode = "upstream"
-    scan_impl: scan_lib.ScanImpl = "associative"
+    scan_impl: scan_lib.ScanImpl = "auto"
     remat_scan: bool = True
     dtype: Dtype = jnp.float32
 
@@ -142,7 +142,7 @@ class VCMamba(nn.Module):
     mlp_ratio: float = 4.0
     stem_activation: str = "relu"
     scan_mode: ScanMode = "upstream"
-    scan_impl: scan_lib.ScanImpl = "associative"
+    scan_impl: scan_lib.ScanImpl = "auto"
     remat_scan: bool = True
     dtype: Dtype = jnp.float32
 
@@ -219,7 +219,8 @@ def create_model(
       drop_path_rate: stochastic depth of the last block (linear over all blocks).
       dtype: compute dtype (e.g. jnp.bfloat16); parameters, norms and the scan state stay float32.
       **kwargs: other ``VCMamba`` fields: depths, widths, num_mamba_layers, scan_mode
-        ('upstream' | 'corrected'), scan_impl ('associative' | 'sequential'), remat_scan,
+        ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'fused';
+        'auto' = the fused Pallas kernel on GPUs, else associative_scan), remat_scan,
         stem_activation.
     """
     if name not in VARIANTS:
