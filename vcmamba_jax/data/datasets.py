@@ -25,7 +25,7 @@ import tarfile
 import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -56,7 +56,7 @@ class VcmambaDigits(tfds.core.GeneratorBasedBuilder):
   """
 
   VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {'1.0.0': 'Initial release.'}
   IMAGE_SIZE = 32
   NUM_VALIDATION = 360
   SPLIT_SEED = 0
@@ -205,12 +205,15 @@ def _pil_png_to_jpeg(image_bytes: bytes, quality: int = 100) -> bytes:
   return _pil_jpeg_cmyk_to_rgb(image_bytes, quality)
 
 
+def _gfile_open(path: str | os.PathLike, mode: str = 'r') -> Any:
+  # Like tf.io.gfile.GFile, returns an open file; the callers use it as a context manager.
+  return open(os.fspath(path), mode)
+
+
 def _gfile_stand_in() -> types.SimpleNamespace:
   """The few `tf.*` calls the imagenet2012 builder and the TFDS tar extractor make."""
-  gfile = types.SimpleNamespace(
-      exists=lambda path: os.path.exists(os.fspath(path)),
-      GFile=lambda path, mode='r': open(os.fspath(path), mode),
-  )
+  gfile = types.SimpleNamespace(exists=lambda path: os.path.exists(os.fspath(path)),
+                                GFile=_gfile_open)
 
   def as_text(value: str | bytes) -> str:
     return value.decode('utf-8') if isinstance(value, bytes) else value
@@ -232,7 +235,10 @@ def tfds_imagenet_without_tensorflow() -> Iterator[None]:
     return
   from tensorflow_datasets.core import utils as tfds_utils
   from tensorflow_datasets.core.download import extractor
-  from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder, imagenet_common
+  from tensorflow_datasets.datasets.imagenet2012 import (
+      imagenet2012_dataset_builder,
+      imagenet_common,
+  )
 
   stand_in = _gfile_stand_in()
   patches = [(module, 'tf', stand_in)

@@ -26,7 +26,7 @@ def normalize(
 ) -> jax.Array:
   """uint8 [..., H, W, 3] in 0..255 -> (x / 255 - mean) / std as `dtype` (computed in float32)."""
   scale = jnp.asarray([1.0 / (255.0 * s) for s in std], jnp.float32)
-  offset = jnp.asarray([m / s for m, s in zip(mean, std)], jnp.float32)
+  offset = jnp.asarray([m / s for m, s in zip(mean, std, strict=True)], jnp.float32)
   return (images.astype(jnp.float32) * scale - offset).astype(dtype)
 
 

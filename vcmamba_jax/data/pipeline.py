@@ -18,18 +18,23 @@ The GLOBAL sample stream is a pure function of (seed, dataset size, global batch
 - the augmentation of position g uses `np.random.default_rng((seed, 1, g))`: each of the R repeats
   of an image gets its own crop/flip/RandAugment draw.
 
-Batches are therefore identical for any `num_workers`/`num_threads` (workers decode disjoint
-strided slices of the element stream and grain interleaves them back in order; skipping and
-batching happen after that, in the main process), and the global stream does not depend on the
-number of processes P either. Records whose image cannot be decoded are skipped (the batch is
-filled with the next records of the process's stream), logged with their index and error, and
-counted in the per-row `num_skipped` field.
+Every local batch is therefore a pure function of (seed, step): batches are identical for any
+`num_workers`/`num_threads` (whole batches are built in the workers, worker w building batches
+w, w + W, ..., and grain interleaves them back in order), and the global stream does not depend on
+the number of processes P either.
+
+Undecodable records never stop training: such a record is skipped, logged (record index, stream
+position, error) and counted in its row's `num_skipped`, and the row is filled with a substitute
+record drawn uniformly from the dataset with `default_rng((seed, 2, g))` (augmented with
+`default_rng((seed, 1, g, attempt))`). Drawing the substitute, rather than shifting the rest of
+the stream up by one, is what keeps batch k independent of the batches before it, so that
+workers can build batches in parallel and only finished batches cross process boundaries.
 
 Each batch is a dict of numpy arrays:
   image        uint8 [local_batch, H, W, 3]
   label        int32 [local_batch]
   index        int32 [local_batch]  record index in the source (bookkeeping)
-  num_skipped  int32 [local_batch]  undecodable records skipped just before this row
+  num_skipped  int32 [local_batch]  undecodable records skipped (and replaced) for this row
                                     (bookkeeping: `batch['num_skipped'].sum()` per step; it is
                                     batch-sharded like the images, so a sum inside the jitted step
                                     gives the global count across processes)
@@ -78,6 +83,7 @@ _EPOCH_ROUNDING = 256
 # Stream ids for `np.random.default_rng((seed, stream, ...))`.
 _PERMUTATION_STREAM = 0
 _AUGMENTATION_STREAM = 1
+_SUBSTITUTE_STREAM = 2
 # Length of the "infinite" training MapDataset (grain needs a finite length).
 _INFINITE = sys.maxsize
 
@@ -111,7 +117,11 @@ def train_steps_per_epoch(num_records: int, global_batch_size: int, repeated_aug
 def eval_num_batches(num_records: int, global_batch_size: int, process_count: int = 1) -> int:
   """Batches every process yields for a full pass: ceil(ceil(N / P) / (global_batch / P))."""
   local_batch = _local_batch_size(global_batch_size, process_count)
-  return max(1, -(-(-(-num_records // process_count)) // local_batch))
+  return max(1, _ceil_div(_ceil_div(num_records, process_count), local_batch))
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+  return -(numerator // -denominator)
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -134,9 +144,10 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
 
 
 def _default_num_threads(num_workers: int) -> int:
-  # Workers: 2 threads keep a worker's core busy while its main thread ships elements out.
-  # In-process: PIL holds the GIL for much of the work, so more than a few threads do not help.
-  return 2 if num_workers > 0 else min(4, os.cpu_count() or 1)
+  # A worker builds one batch at a time (its main thread ships the previous one meanwhile, and
+  # ArrayRecord reads a batch's records in parallel itself). In-process, a few threads overlap
+  # the parts of decoding that release the GIL; more do not help.
+  return 1 if num_workers > 0 else min(4, os.cpu_count() or 1)
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -151,28 +162,31 @@ def _ensure_absl_flags_parsed() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-class _RepeatedAugStream(grain.MapDataset):
-  """Local position i of process p -> the record at global position g = i * P + p.
+class _RepeatedAugSampler(grain.MapDataset):
+  """Local batch k of process p -> its global stream positions and the records they read.
 
-  Elements: {'position': g, 'record_index': r, 'record': source[r]}.
+  Row j of local batch k is local position i = k * local_batch + j, i.e. global position
+  g = i * P + p. Elements: {'positions': int64 [local_batch], 'records': int64 [local_batch]}.
   """
 
   _MUTATES_ELEMENT_SPEC = True
 
-  def __init__(self, source: grain.MapDataset, *, seed: int, repeated_aug: int,
-               positions_per_epoch: int, process_index: int, process_count: int):
-    super().__init__(source)
-    self._num_records = len(source)
+  def __init__(self, *, num_records: int, seed: int, repeated_aug: int,
+               positions_per_epoch: int, local_batch: int, process_index: int,
+               process_count: int):
+    super().__init__()
+    self._num_records = num_records
     self._seed = seed
     self._repeated_aug = repeated_aug
     self._positions_per_epoch = positions_per_epoch
+    self._local_batch = local_batch
     self._process_index = process_index
     self._process_count = process_count
     self._permutations: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
     self._lock = threading.Lock()
 
   def __getstate__(self) -> dict[str, Any]:
-    state = self.__dict__.copy()  # locks and caches are per process
+    state = self.__dict__.copy()  # the lock and the cache are per process
     state['_lock'] = None
     state['_permutations'] = collections.OrderedDict()
     return state
@@ -182,96 +196,95 @@ class _RepeatedAugStream(grain.MapDataset):
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
-    return _INFINITE
+    return _INFINITE // self._local_batch
 
   def __str__(self) -> str:
-    return (f'RepeatedAugStream(seed={self._seed}, repeats={self._repeated_aug}, '
+    return (f'RepeatedAugSampler(seed={self._seed}, repeats={self._repeated_aug}, '
             f'positions_per_epoch={self._positions_per_epoch}, '
             f'process={self._process_index}/{self._process_count})')
 
   def permutation(self, epoch: int) -> np.ndarray:
-    """The record order of `epoch` (int32 [N]); cached for the two most recent epochs."""
+    """The record order of `epoch` (int64 [N]); cached for the two most recent epochs."""
     with self._lock:
       perm = self._permutations.get(epoch)
       if perm is None:
         rng = np.random.default_rng((self._seed, _PERMUTATION_STREAM, epoch))
-        perm = rng.permutation(self._num_records).astype(np.int32)
+        perm = rng.permutation(self._num_records)
         self._permutations[epoch] = perm
         while len(self._permutations) > 2:
           self._permutations.popitem(last=False)
       return perm
 
-  def global_position(self, index: int) -> int:
-    return index * self._process_count + self._process_index
-
-  def record_index(self, position: int) -> int:
-    """Record read at global stream position `position`."""
-    epoch, offset = divmod(position, self._positions_per_epoch)
-    return int(self.permutation(epoch)[offset // self._repeated_aug])
-
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
     with self._stats.record_self_time():
-      position = self.global_position(index)
-      record_index = self.record_index(position)
-    return {'position': position, 'record_index': record_index,
-            'record': self._parent[record_index]}
+      local = index * self._local_batch + np.arange(self._local_batch, dtype=np.int64)
+      positions = local * self._process_count + self._process_index
+      epochs, offsets = np.divmod(positions, self._positions_per_epoch)
+      records = np.empty_like(positions)
+      for epoch in np.unique(epochs):  # a batch spans at most two epochs
+        rows = epochs == epoch
+        records[rows] = self.permutation(int(epoch))[offsets[rows] // self._repeated_aug]
+      return {'positions': positions, 'records': records}
 
 
-class TrainExampleTransform:
-  """Stream element -> {'image', 'label', 'index'}, or an error marker if the image is corrupt.
+def _read(source: Sequence[dict[str, Any]], indices: Sequence[int]) -> list[dict[str, Any]]:
+  # ArrayRecord sources read a list of records in one call (and in parallel).
+  getitems = getattr(source, '__getitems__', None)
+  return list(getitems(list(indices))) if getitems else [source[i] for i in indices]
 
-  Picklable (runs in grain worker processes). Randomness: `default_rng((seed, 1, position))`.
+
+class TrainBatchBuilder:
+  """Sampler element -> a full training batch, built in one go (in a grain worker if any).
+
+  Row j decodes and augments record `records[j]` with `np.random.default_rng((seed, 1, g))`,
+  g = positions[j]. An undecodable record is skipped: logged (index, position, error), counted in
+  that row's `num_skipped`, and replaced by a record drawn uniformly from the dataset with
+  `default_rng((seed, 2, g))` (augmented with `default_rng((seed, 1, g, attempt))`), so that every
+  batch stays full and remains a pure function of (seed, step). Picklable.
   """
 
-  def __init__(self, transform: TrainTransform, seed: int):
+  def __init__(self, source: Sequence[dict[str, Any]], transform: TrainTransform, seed: int,
+               max_substitutes: int = 16):
+    self.source = source
     self.transform = transform
     self.seed = seed
+    self.max_substitutes = max_substitutes
 
-  def __call__(self, element: dict[str, Any]) -> dict[str, Any]:
-    position, record = element['position'], element['record']
-    rng = np.random.default_rng((self.seed, _AUGMENTATION_STREAM, position))
-    try:
-      image = self.transform(record['image'], rng)
-    except ImageDecodeError as e:
-      return {'error': str(e), 'index': element['record_index'], 'position': position}
-    return {'image': image, 'label': np.int32(record['label']),
-            'index': np.int32(element['record_index'])}
+  def _example(self, position: int, record_index: int,
+               record: dict[str, Any]) -> tuple[np.ndarray, int, int, int]:
+    """(image, label, record index used, records skipped) for one stream position."""
+    substitutes = None
+    for attempt in range(self.max_substitutes + 1):
+      key = (self.seed, _AUGMENTATION_STREAM, position) + ((attempt,) if attempt else ())
+      try:
+        image = self.transform(record['image'], np.random.default_rng(key))
+        return image, int(record['label']), record_index, attempt
+      except ImageDecodeError as e:
+        logging.warning('Skipping undecodable record %d (stream position %d): %s',
+                        record_index, position, e)
+      if substitutes is None:
+        substitutes = np.random.default_rng((self.seed, _SUBSTITUTE_STREAM, position))
+      record_index = int(substitutes.integers(len(self.source)))
+      record = self.source[record_index]
+    raise RuntimeError(
+        f'{self.max_substitutes + 1} records in a row failed to decode at stream position '
+        f'{position}; the dataset looks broadly corrupt. Rebuild it (scripts/prepare_imagenet.py) '
+        'or check the storage it is read from.')
 
-
-class _SkipUndecodable(grain.IterDataset):
-  """Drops error markers, logging them; counts them in the next kept element's 'num_skipped'."""
-
-  def __iter__(self) -> grain.DatasetIterator:
-    return _SkipUndecodableIterator(self._parent.__iter__())
-
-  def __str__(self) -> str:
-    return 'SkipUndecodable'
-
-
-class _SkipUndecodableIterator(grain.DatasetIterator):
-
-  def __next__(self) -> dict[str, Any]:
-    skipped = 0
-    while True:
-      element = next(self._parent)
-      if 'error' not in element:
-        element['num_skipped'] = np.int32(skipped)
-        return element
-      skipped += 1
-      logging.warning('Skipping undecodable record %d (stream position %d): %s',
-                      element['index'], element['position'], element['error'])
-
-  # Between two `next` calls nothing is pending, so the state is the parent's.
-  def get_state(self) -> dict[str, Any]:
-    return self._parent.get_state()
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state)
-
-  def __str__(self) -> str:
-    return 'SkipUndecodableIterator'
+  def __call__(self, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    positions, records = element['positions'], element['records']
+    size = len(positions)
+    side = self.transform.image_size
+    batch = {'image': np.empty((size, side, side, 3), np.uint8),
+             'label': np.empty((size,), np.int32), 'index': np.empty((size,), np.int32),
+             'num_skipped': np.empty((size,), np.int32)}
+    for row, record in enumerate(_read(self.source, records.tolist())):
+      image, label, index, skipped = self._example(int(positions[row]), int(records[row]), record)
+      batch['image'][row] = image
+      batch['label'][row], batch['index'][row], batch['num_skipped'][row] = label, index, skipped
+    return batch
 
 
 def _close_at_exit(iterator: grain.DatasetIterator) -> grain.DatasetIterator:
@@ -327,21 +340,18 @@ def create_train_dataset(
   if num_threads is None:
     num_threads = _default_num_threads(num_workers)
 
-  ds = _RepeatedAugStream(
-      grain.MapDataset.source(source), seed=seed, repeated_aug=repeated_aug,
-      positions_per_epoch=steps * global_batch_size, process_index=process_index,
-      process_count=process_count)
-  ds = ds.map(TrainExampleTransform(transform, seed))
+  # Whole batches are built where the work happens (worker processes, or threads in-process):
+  # batch k is a pure function of (seed, k), so the output does not depend on num_workers
+  # (worker w builds batches w, w + W, ... and grain interleaves them back in order), and only
+  # one ready batch per step crosses the process boundary (through shared memory).
+  ds = _RepeatedAugSampler(
+      num_records=num_records, seed=seed, repeated_aug=repeated_aug,
+      positions_per_epoch=steps * global_batch_size, local_batch=local_batch,
+      process_index=process_index, process_count=process_count)
+  ds = ds.map(TrainBatchBuilder(source, transform, seed))
   ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=max(2 * local_batch, 4 * num_threads)))
-  # Workers see the element stream only: skipping and batching stay in this process, which keeps
-  # batches independent of num_workers (grain interleaves worker outputs in stream order).
-  ds = _maybe_mp_prefetch(ds, num_workers,
-                          worker_buffer_size=max(8, local_batch // max(1, num_workers)))
-  ds = _SkipUndecodable(ds)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  if prefetch_batches > 0:
-    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch_batches)
+      num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads)))
+  ds = _maybe_mp_prefetch(ds, num_workers, worker_buffer_size=max(1, prefetch_batches))
   return ds
 
 
@@ -374,14 +384,17 @@ def create_train_iterator(
     randaugment: timm RandAugment config string, or None to disable.
     num_workers: grain worker processes (0: in-process threads; for CI, tests, notebooks).
       With workers, call this from code under `if __name__ == '__main__':` (grain spawns).
-    num_threads: decode threads per worker (or in-process); default 2 with workers, else #CPUs.
+    num_threads: batches built concurrently per worker (or in-process, where they are threads
+      sharing the GIL); default 1 with workers, else min(4, #CPUs).
     process_index, process_count: this host's index and the host count (default: jax's).
-    prefetch_batches: batches assembled ahead in a background thread (0: none).
+    prefetch_batches: finished batches buffered per worker (in-process: read-ahead batches).
 
   Returns:
     A grain `DatasetIterator` yielding dicts image uint8 [local_batch, H, W, 3], label int32
     [local_batch], index int32 [local_batch], num_skipped int32 [local_batch]. Its state can be
-    saved with `grain.checkpoint.CheckpointSave(iterator)`.
+    saved with `grain.checkpoint.CheckpointSave(iterator)`. Steps per epoch:
+    `train_steps_per_epoch(len(get_source(dataset, split, data_dir)), global_batch_size,
+    repeated_aug)`. Call `iterator.close()` when done to stop worker processes early.
   """
   from vcmamba_jax.data.datasets import get_source
 
@@ -496,6 +509,15 @@ def create_eval_iterator(
 ) -> grain.DatasetIterator:
   """One pass over `split`: every record exactly once across processes, fixed batch shapes.
 
+  Args:
+    dataset, split, data_dir: the TFDS source (ArrayRecord).
+    global_batch_size: batch over all processes; must be divisible by process_count.
+    image_size, crop_pct: resize the shorter side to int(image_size / crop_pct) (bicubic), then
+      centre-crop image_size.
+    process_index, process_count: this host's index and the host count (default: jax's).
+    num_workers: grain worker processes (0: in-process threads).
+    num_threads: batches prepared concurrently per worker / in-process.
+
   Returns:
     A finite grain iterator of exactly `eval_num_batches(len(source), global_batch_size,
     process_count)` dicts: image uint8 [local_batch, image_size, image_size, 3], label int32,
@@ -515,7 +537,9 @@ def create_eval_iterator(
 # ------------------------------------------------------------------------------------------------
 
 
-def measure_throughput(iterator: Any, num_batches: int, warmup_batches: int = 2) -> dict[str, float]:
+def measure_throughput(
+    iterator: Any, num_batches: int, warmup_batches: int = 2
+) -> dict[str, float]:
   """Host pipeline speed: pulls `warmup_batches` (not timed: worker start-up), then times
   `num_batches`.
 

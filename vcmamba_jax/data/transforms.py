@@ -165,8 +165,8 @@ def random_resized_crop_box(
   for _ in range(max_attempts):
     target_area = rng.uniform(scale[0], scale[1]) * area
     aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-    crop_w = int(round(math.sqrt(target_area * aspect)))
-    crop_h = int(round(math.sqrt(target_area / aspect)))
+    crop_w = round(math.sqrt(target_area * aspect))
+    crop_h = round(math.sqrt(target_area / aspect))
     if 0 < crop_w <= width and 0 < crop_h <= height:
       top = int(rng.integers(0, height - crop_h + 1))
       left = int(rng.integers(0, width - crop_w + 1))
@@ -175,10 +175,10 @@ def random_resized_crop_box(
   in_ratio = width / height
   if in_ratio < min(ratio):
     crop_w = width
-    crop_h = int(round(crop_w / min(ratio)))
+    crop_h = round(crop_w / min(ratio))
   elif in_ratio > max(ratio):
     crop_h = height
-    crop_w = int(round(crop_h * max(ratio)))
+    crop_w = round(crop_h * max(ratio))
   else:
     crop_w, crop_h = width, height
   return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
@@ -449,7 +449,7 @@ class RandAugment:
 def parse_randaugment(config: str, **overrides: Any) -> RandAugment:
   """Builds a RandAugment from a timm config string such as 'rand-m9-mstd0.5-inc1'.
 
-  Sections after 'rand': m<magnitude>, n<num_layers>, mstd<std> (or 'inf' for uniform),
+  Sections after 'rand': m<magnitude>, n<num_layers>, mstd<std> ('inf' or > 100: uniform),
   mmax<max magnitude>, p<op probability>, inc<0|1> (timm's "increasing" op set, default 0).
   Keyword `overrides` (e.g. `fill`, `interpolation`, `translate_pct`) go to `RandAugment`.
   """
@@ -464,7 +464,8 @@ def parse_randaugment(config: str, **overrides: Any) -> RandAugment:
       raise ValueError(f'cannot parse section {section!r} of RandAugment config {config!r}')
     key, value = match.groups()
     if key == 'mstd':
-      kwargs['magnitude_std'] = float(value)
+      # timm: a std above 100 (or 'inf') means magnitudes uniform in [0, magnitude].
+      kwargs['magnitude_std'] = float('inf') if float(value) > 100 else float(value)
     elif key == 'mmax':
       kwargs['magnitude_max'] = float(value)
     elif key == 'm':
@@ -560,8 +561,8 @@ def _eval_resize_crop(
                                 image_size, image_size)
   img, actual = _load_rgb(img, draft)
   # torchvision CenterCrop offsets.
-  top = int(round((resized_h - image_size) / 2.0))
-  left = int(round((resized_w - image_size) / 2.0))
+  top = round((resized_h - image_size) / 2.0)
+  left = round((resized_w - image_size) / 2.0)
   sx, sy = width / resized_w / actual, height / resized_h / actual
   box = (left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy)
   return img.resize((image_size, image_size), resample=Image.Resampling.BICUBIC, box=box)

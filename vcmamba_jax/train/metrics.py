@@ -7,6 +7,7 @@ protos, so neither TensorFlow nor clu.metric_writers is needed.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import os
 import time
@@ -141,3 +142,20 @@ def log_progress(step: int, total_steps: int, epoch: float, metrics: Mapping[str
     parts.append(f"skipped updates {metrics['train/skipped_updates']}")
   parts.append(f'ETA {format_duration(eta_seconds)}')
   logging.info(' | '.join(parts))
+
+
+class _LibraryInfoFilter(std_logging.Filter):
+  """Drops INFO/DEBUG records of chatty libraries (orbax logs ~30 lines per checkpoint)."""
+
+  LIBRARIES = ('/orbax/', '/grain/')
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING
+            or not any(lib in record.pathname for lib in self.LIBRARIES))
+
+
+def quiet_library_logs() -> None:
+  """Keeps the console to our progress lines plus library warnings and errors (idempotent)."""
+  absl_logger = logging.get_absl_logger()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in absl_logger.filters):
+    absl_logger.addFilter(_LibraryInfoFilter())

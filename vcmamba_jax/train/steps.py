@@ -101,7 +101,7 @@ def make_train_step(
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     update_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
@@ -116,7 +116,7 @@ def make_train_step(
     metrics = {
         'loss': loss,
         'grad_norm': grad_norm,
-        'param_norm': optax.global_norm(new.params),
+        'param_norm': optax.tree.norm(new.params),
         'lr': jnp.asarray(schedule(state.step), jnp.float32),
         'update_ok': update_ok,
         'skipped_updates': new.skipped_updates,

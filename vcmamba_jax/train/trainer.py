@@ -41,6 +41,7 @@ class TrainingDivergedError(FloatingPointError):
 def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
   """Entry point of `main.py` (and notebooks): `config.mode` 'train' or 'eval'."""
   initialize_distributed(config.distributed)
+  metrics_lib.quiet_library_logs()
   if config.mode == 'train':
     return train_and_evaluate(config, workdir)
   if config.mode == 'eval':
