@@ -52,7 +52,18 @@ def bench_scans(args) -> list[dict]:
     inputs = scan_inputs(jax.random.key(0), args.batch, args.length, inner)
     ref = jax.jit(lambda *a: scan_lib.selective_scan(*a, impl="sequential"))(*inputs)
     rows = []
-    for impl in args.impls:
+    from vcmamba_jax.models import scan_pallas
+
+    impls = list(args.impls)
+    for blocks in args.fused_blocks:  # extra fused variants with other channel blocks
+        impls.append(f"fused:{blocks}")
+    for impl in impls:
+        if impl.startswith("fused:"):
+            fwd_block, bwd_block = (int(b) for b in impl.split(":")[1].split(","))
+            scan_pallas.FWD_BLOCK, scan_pallas.BWD_BLOCK = fwd_block, bwd_block
+            impl_name, impl = impl, "fused"
+        else:
+            impl_name = impl
         fwd = jax.jit(lambda *a, impl=impl: scan_lib.selective_scan_remat(*a, impl=impl))
         out = fwd(*inputs)
         err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max()
@@ -60,7 +71,7 @@ def bench_scans(args) -> list[dict]:
         grad = jax.jit(jax.grad(
             lambda *a, impl=impl: jnp.sum(scan_lib.selective_scan_remat(*a, impl=impl)
                                           .astype(jnp.float32)), argnums=(0, 1, 2, 3, 4, 5)))
-        rows.append({"impl": impl, "fwd_ms": _time(fwd, *inputs),
+        rows.append({"impl": impl_name, "fwd_ms": _time(fwd, *inputs),
                      "fwd_bwd_ms": _time(grad, *inputs), "rel_err_vs_sequential": err})
     return rows
 
@@ -129,13 +140,15 @@ def main():
     parser.add_argument("--impls", nargs="+", default=["associative", "sequential", "fused"])
     parser.add_argument("--model_impl", default="auto")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--fused_blocks", nargs="*", default=[],
+                        help="extra fused-kernel channel blocks to time, e.g. 32,16 64,32")
     parser.add_argument("--skip_model", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     report = {"scan": bench_scans(args)}
     for row in report["scan"]:
-        print(f"scan {row['impl']:>12}: fwd {row['fwd_ms']:7.2f} ms  fwd+bwd "
+        print(f"scan {row['impl']:>14}: fwd {row['fwd_ms']:7.2f} ms  fwd+bwd "
               f"{row['fwd_bwd_ms']:7.2f} ms  rel err {row['rel_err_vs_sequential']:.1e}")
     if not args.skip_model:
         report["model"] = bench_model(args)

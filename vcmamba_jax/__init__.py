@@ -1,19 +1,31 @@
-"""vcmamba_jax: VCMamba in JAX/Flax (linen)."""
+"""vcmamba_jax: VCMamba in JAX/Flax (linen).
 
-from vcmamba_jax.models import create_model, list_models
+Names are imported lazily so that light subpackages (e.g. the input pipeline in grain worker
+processes) do not pay for importing the models and their dependencies.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "create_model": "vcmamba_jax.models",
+    "list_models": "vcmamba_jax.models",
+    "load_pytorch_weights": "vcmamba_jax.convert",
+    "to_pytorch_state_dict": "vcmamba_jax.convert",
+    "load_pretrained": "vcmamba_jax.convert",
+    "save_pretrained": "vcmamba_jax.convert",
+}
+
 
 def __getattr__(name):
-    # The converters pull in optional readers (torch, safetensors): import them lazily.
-    if name in ("load_pytorch_weights", "to_pytorch_state_dict", "load_pretrained",
-                "save_pretrained"):
-        from vcmamba_jax import convert
-
-        return getattr(convert, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'vcmamba_jax' has no attribute {name!r}")
 
 
-__all__ = ["create_model", "list_models", "load_pytorch_weights", "to_pytorch_state_dict",
-           "load_pretrained", "save_pretrained", "__version__"]
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS) + ["__version__"]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 MAX_UNROLLED_LENGTH = 64
 FWD_BLOCK = 64
-BWD_BLOCK = 16
+BWD_BLOCK = 32
 
 
 def _block(inner: int, preferred: int) -> int:
