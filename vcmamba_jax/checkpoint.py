@@ -111,7 +111,7 @@ class PreemptionWatcher:
     self._previous_handler = None
     self._installed = False
 
-  def __enter__(self) -> PreemptionWatcher:
+  def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
       self._installed = True

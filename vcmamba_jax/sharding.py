@@ -13,13 +13,13 @@ XLA inserts the all-gathers / reduce-scatters that FSDP needs from the shardings
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
@@ -109,9 +109,3 @@ def make_global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
 
-
-def log_shardings(tree: Any, name: str) -> None:
-  """Logs each array's shape and partition spec (debugging aid)."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    spec = leaf.sharding.spec if isinstance(leaf.sharding, NamedSharding) else leaf.sharding
-    logging.debug('%s%s %s %s', name, jax.tree_util.keystr(path), leaf.shape, spec)

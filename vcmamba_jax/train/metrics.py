@@ -32,7 +32,7 @@ class MetricWriter:
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115 (run-long)
       self._events = EventFileWriter(workdir)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:

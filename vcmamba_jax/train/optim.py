@@ -46,7 +46,7 @@ def learning_rate_schedule(config: ConfigDict, steps_per_epoch: int) -> Schedule
   Per-step mode: f(step / steps_per_epoch), the same curve without the one-epoch delay.
   """
   s = config.schedule
-  f = lambda t: timm_cosine_lr(  # noqa: E731
+  f = lambda t: timm_cosine_lr(
       t, peak_lr=peak_learning_rate(config), warmup_epochs=s.warmup_epochs,
       warmup_lr=s.warmup_lr, min_lr=s.min_lr, decay_epochs=s.decay_epochs)
 

@@ -94,8 +94,9 @@ def initialize_distributed(mode: str = 'auto') -> bool:
 def model_kwargs(config: ConfigDict) -> dict[str, Any]:
   """`create_model` options from `config.model` (everything but the name)."""
   m = config.model
-  return dict(num_classes=m.num_classes, img_size=m.img_size, drop_path_rate=m.drop_path_rate,
-              dtype=jnp.dtype(m.dtype), scan_impl=m.scan_impl, remat_scan=m.remat_scan)
+  return {'num_classes': m.num_classes, 'img_size': m.img_size,
+          'drop_path_rate': m.drop_path_rate, 'dtype': jnp.dtype(m.dtype),
+          'scan_impl': m.scan_impl, 'remat_scan': m.remat_scan}
 
 
 def build_model(config: ConfigDict) -> nn.Module:
@@ -130,6 +131,14 @@ def make_eval_dataset(config: ConfigDict) -> grain.IterDataset:
       crop_pct=d.eval_crop_pct, num_workers=d.num_workers, num_threads=d.num_threads)
 
 
+def jit_train_step(model: nn.Module, tx, schedule: optim.Schedule, config: ConfigDict, mesh: Mesh,
+                   shardings: state_lib.TrainState):
+  """`train_step(state, batch) -> (state, metrics)` with explicit shardings, state donated."""
+  return jax.jit(steps.make_train_step(model, tx, schedule, config),
+                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+
+
 def jit_eval_step(model: nn.Module, mesh: Mesh, weight_shardings: Mapping[str, Any]):
   """`eval_step(weights, batch, sums) -> sums` with explicit shardings (sums donated)."""
   replicated = sharding_lib.replicated(mesh)
@@ -161,7 +170,7 @@ def load_weights(path: str, model: nn.Module, config: ConfigDict,
     ({'': {'params', 'batch_stats'}, 'ema': ... (our checkpoints with an EMA, if with_ema)},
      a description of the source for logs).
   """
-  from vcmamba_jax import convert  # noqa: PLC0415  (optional torch/safetensors readers)
+  from vcmamba_jax import convert
 
   state_dir = checkpoint_lib.find_training_checkpoint(path)
   if state_dir is None:
@@ -260,11 +269,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   # ----------------------------------------------------------------------------------------------
   # Jitted steps: explicit shardings, donated state.
   # ----------------------------------------------------------------------------------------------
-  replicated = sharding_lib.replicated(mesh)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
-  train_step = jax.jit(steps.make_train_step(model, tx, schedule, config),
-                       in_shardings=(shardings, batch_sharding),
-                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+  train_step = jit_train_step(model, tx, schedule, config, mesh, shardings)
   eval_shardings = {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
   if shardings.ema:
     eval_shardings['ema'] = shardings.ema

@@ -1,0 +1,46 @@
+"""scripts/benchmark.py runs on CPU with the smoke config (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from vcmamba_jax.train import benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_benchmark_reports_every_measurement(imagenet_dir, tmp_path):
+  out = tmp_path / 'bench.json'
+  result = subprocess.run(
+      [sys.executable, 'scripts/benchmark.py', '--config=configs/vcmamba_s.py:smoke',
+       '--config.data.dataset=imagenet2012', f'--config.data.data_dir={imagenet_dir}',
+       '--config.model.num_classes=1000', '--steps=2', '--warmup_steps=1',
+       '--peak_tflops=1.0', f'--json_out={out}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'train_synthetic' in result.stdout and 'MFU' in result.stdout
+  report = json.loads(out.read_text())
+  assert report['device']['count'] == 8 and report['device']['peak_tflops'] == 1.0
+  results = report['results']
+  assert set(results) == {'train_synthetic', 'eval_synthetic', 'train_real', 'pipeline'}
+  for name in ('train_synthetic', 'eval_synthetic', 'train_real'):
+    r = results[name]
+    assert r['img_per_sec'] > 0 and r['step_time_s'] > 0
+    assert r['img_per_sec_per_device'] * 8 == r['img_per_sec']
+    assert r['tflops_per_device'] > 0 and 0 < r['mfu']
+  assert results['pipeline']['img_per_sec_per_host'] > 0
+
+
+def test_peak_table():
+  assert benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4
+  assert benchmark.peak_tflops('NVIDIA H100 80GB HBM3', 'float32') == 494.7
+  assert benchmark.peak_tflops('NVIDIA H100 PCIe', 'bfloat16') == 756.0
+  assert benchmark.peak_tflops('NVIDIA H200', 'bfloat16') == 989.4
+  assert benchmark.peak_tflops('NVIDIA A100-SXM4-80GB', 'bfloat16') == 312.0
+  assert benchmark.peak_tflops('TPU v4', 'bfloat16') == 275.0
+  assert benchmark.peak_tflops('TPU v5 lite', 'bfloat16') == 197.0
+  assert benchmark.peak_tflops('TPU v5p', 'float32') == 459.0
+  assert benchmark.peak_tflops('cpu', 'float32') is None
