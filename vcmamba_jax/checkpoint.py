@@ -86,7 +86,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, shar
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(
         f'Cannot restore {manager.directory}/{step} into this run: {e}\nThe checkpoint was '
-        'written by a different configuration (model, optimizer or EMA settings). Use a fresh '
+        'written by a different configuration (model, optimizer, EMA or input pipeline '
+        'settings, or another number of processes). Use a fresh '
         '--workdir, or start from its weights with --config.init_from=<that workdir>.') from e
   return restored[STATE_ITEM]
 

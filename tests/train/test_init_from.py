@@ -45,7 +45,8 @@ def _assert_fitted(weights, trained):
 
 def test_from_our_checkpoint_with_ema(reference_run, trained, finetune_config):
   model = trainer.build_model(finetune_config)
-  weights, source = trainer.load_weights(reference_run, model, finetune_config, with_ema=True)
+  weights, source = trainer.load_weights(reference_run, model, finetune_config, with_ema=True,
+                                         reinit_heads=True)
   assert set(weights) == {'', 'ema'} and 'checkpoint' in source
   _assert_fitted(weights[''], trained)
   _assert_fitted(weights['ema'], trained['ema'])
@@ -59,7 +60,7 @@ def test_from_an_exported_model_dir_and_a_pytorch_file(trained, finetune_config,
   np.savez(npz, **convert.to_pytorch_state_dict(variables, 'vcmamba_nano'))
   model = trainer.build_model(finetune_config)
   for path in (exported, str(npz)):
-    weights, source = trainer.load_weights(path, model, finetune_config)
+    weights, source = trainer.load_weights(path, model, finetune_config, reinit_heads=True)
     assert set(weights) == {''} and 'pretrained' in source
     _assert_fitted(weights[''], trained)
 
@@ -70,10 +71,16 @@ def test_pretrained_weights_replace_the_initial_state(reference_run, finetune_co
   tx = optim.create_optimizer(finetune_config, optim.learning_rate_schedule(finetune_config, 3))
   state, shardings = state_lib.create_train_state(
       model, tx, jax.random.PRNGKey(0), mesh=mesh, image_size=64, use_ema=True)
-  weights, _ = trainer.load_weights(reference_run, model, finetune_config)
+  weights, _ = trainer.load_weights(reference_run, model, finetune_config, reinit_heads=True)
   state = state_lib.with_pretrained(state, shardings, weights[''])
   for tree in (state.params, state.ema['params']):
     for new, expected in zip(jax.tree.leaves(tree), jax.tree.leaves(weights['']['params'])):
       np.testing.assert_array_equal(new, expected)
       assert new.sharding.mesh == mesh
   assert all(not np.any(np.asarray(mu)) for mu in jax.tree.leaves(state.opt_state[0].mu))
+
+
+def test_evaluating_with_another_class_count_is_an_error(reference_run, finetune_config):
+  model = trainer.build_model(finetune_config)
+  with pytest.raises(convert.CheckpointError, match='head'):
+    trainer.load_weights(reference_run, model, finetune_config)

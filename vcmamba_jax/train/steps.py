@@ -108,8 +108,11 @@ def make_train_step(
     if state.ema:
       new = new.replace(ema=ema_update(state.ema, new.variables(), ema_decay))
     if skip_nonfinite:
-      # Keep every array of the old state (weights, moments, BN statistics, EMA) on a bad step.
-      new = jax.tree.map(lambda n, o: jnp.where(update_ok, n, o), new, state)
+      # A bad step keeps the old weights, Adam moments, BN statistics and EMA. Integer leaves
+      # (the optimizer's step counts) still advance, so the lr schedule stays on the step.
+      new = jax.tree.map(
+          lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(update_ok, n, o),
+          new, state)
       new = new.replace(skipped_updates=state.skipped_updates + (~update_ok).astype(jnp.int32))
     new = new.replace(step=state.step + 1)
 

@@ -69,6 +69,9 @@ def _multi_process_environment() -> bool:
 def initialize_distributed(mode: str = 'auto') -> bool:
   """Calls `jax.distributed.initialize()` for multi-process jobs; a no-op on a single host.
 
+  The coordinator and process ids come from the cluster (SLURM, Open MPI, Cloud TPU, ...) or
+  from JAX_COORDINATOR_ADDRESS (host:port of process 0) + JAX_NUM_PROCESSES + JAX_PROCESS_ID.
+
   Args:
     mode: 'auto' (initialise when `_multi_process_environment()`), 'on' or 'off'.
 
@@ -81,7 +84,12 @@ def initialize_distributed(mode: str = 'auto') -> bool:
     return True
   if mode == 'off' or (mode == 'auto' and not _multi_process_environment()):
     return False
-  jax.distributed.initialize()  # cluster auto-detection: SLURM, Open MPI, Cloud TPU, env vars
+  env = os.environ
+  if env.get('JAX_NUM_PROCESSES') and env.get('JAX_PROCESS_ID'):  # explicit, e.g. hand-launched
+    jax.distributed.initialize(num_processes=int(env['JAX_NUM_PROCESSES']),
+                               process_id=int(env['JAX_PROCESS_ID']))
+  else:  # cluster auto-detection: SLURM, Open MPI, Cloud TPU, Kubernetes
+    jax.distributed.initialize()
   logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
   return True
 
@@ -161,10 +169,11 @@ def run_evaluation(eval_step, weights: Mapping[str, Any], dataset: grain.IterDat
   return steps.summarize_eval(jax.device_get(sums))
 
 
-def load_weights(path: str, model: nn.Module, config: ConfigDict,
-                 with_ema: bool = False) -> tuple[dict[str, Any], str]:
+def load_weights(path: str, model: nn.Module, config: ConfigDict, *, with_ema: bool = False,
+                 reinit_heads: bool = False) -> tuple[dict[str, Any], str]:
   """Weights from one of our checkpoints, an exported model dir or a PyTorch file, fitted to
-  `model` (pos_embed resized to its resolution, heads re-initialised if num_classes differs).
+  `model`: pos_embed resized to its resolution and, with `reinit_heads` (fine-tuning), heads
+  re-initialised where num_classes differs (otherwise that is an error).
 
   Returns:
     ({'': {'params', 'batch_stats'}, 'ema': ... (our checkpoints with an EMA, if with_ema)},
@@ -174,7 +183,7 @@ def load_weights(path: str, model: nn.Module, config: ConfigDict,
 
   state_dir = checkpoint_lib.find_training_checkpoint(path)
   if state_dir is None:
-    _, variables = convert.load_pretrained(path, config.model.name, reinit_heads=True,
+    _, variables = convert.load_pretrained(path, config.model.name, reinit_heads=reinit_heads,
                                            **model_kwargs(config))
     return {'': variables}, f'pretrained weights {path}'
   tree = checkpoint_lib.read_training_weights(state_dir)
@@ -183,7 +192,8 @@ def load_weights(path: str, model: nn.Module, config: ConfigDict,
     sets['ema'] = tree['ema']
   adapted = {}
   for name, variables in sets.items():
-    adapted[name], reinitialised = convert.adapt_variables(variables, model, reinit_heads=True)
+    adapted[name], reinitialised = convert.adapt_variables(variables, model,
+                                                           reinit_heads=reinit_heads)
     if reinitialised:
       logging.info('Re-initialised %s (num_classes differs from %s).', reinitialised, path)
   return adapted, f'checkpoint {os.path.dirname(state_dir)}'
@@ -261,7 +271,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     state = state_lib.init_sharded(init, rng, shardings)
     if config.init_from:
-      weights, source = load_weights(config.init_from, model, config)
+      weights, source = load_weights(config.init_from, model, config, reinit_heads=True)
       state = state_lib.with_pretrained(state, shardings, weights[''])
       logging.info('Initialised the weights from %s.', source)
   start_step = int(jax.device_get(state.step))
@@ -330,8 +340,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
                               and epoch % config.eval_every_epochs == 0)
         do_save = is_last or preempted or step % config.checkpoint_every_steps == 0
         if do_eval or do_save or step % config.log_every_steps == 0:
-          summary.update(flush(step))
-        chrono.pause()
+          summary.update(flush(step))  # checks for NaN/Inf before anything is saved
+        chrono.pause()  # checkpoints and evals don't count as training time
         if do_save:
           checkpoint_lib.save(manager, step, state, train_iter)
         if preempted:

@@ -1,0 +1,67 @@
+"""Two processes x 4 CPU devices, as on a 2-host cluster: SIGTERM on one host makes both save the
+same step and exit cleanly; rerunning resumes and reproduces the uninterrupted 2-process run.
+
+Opt-in (about 3 minutes on 2 cores; set VCMAMBA_MULTIPROCESS_TESTS=1): it compiles its own
+programs in two processes and runs CPU collectives across them (gloo).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from vcmamba_jax import checkpoint
+from vcmamba_jax.train.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytestmark = pytest.mark.skipif(not os.environ.get('VCMAMBA_MULTIPROCESS_TESTS'),
+                                reason='set VCMAMBA_MULTIPROCESS_TESTS=1 (slow)')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir: str, extra: dict[int, list[str]] | None = None) -> list[str]:
+  """Runs main.py as processes 0 and 1 of a 2-process job; returns their logs."""
+  port = _free_port()
+  flags = ['--config=configs/digits.py:smoke', f'--workdir={workdir}',
+           '--config.num_train_steps=6', '--config.log_every_steps=1',
+           '--config.checkpoint_every_steps=100', '--config.global_batch_size=32',
+           '--config.eval_batch_size=64']
+  procs = []
+  for process_id in (0, 1):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(process_id))
+    procs.append(subprocess.Popen(
+        [sys.executable, 'main.py', *flags, *(extra or {}).get(process_id, [])], cwd=REPO,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  return logs
+
+
+def _losses(workdir: str) -> dict[int, float]:
+  return {r['step']: r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r}
+
+
+def test_two_hosts_agree_on_the_preemption_step_and_resume(tmp_path):
+  reference = str(tmp_path / 'reference')
+  _launch(reference)
+  workdir = str(tmp_path / 'preempted')
+  logs = _launch(workdir, extra={1: ['--config.debug.sigterm_at_step=2']})  # host 1 only
+  steps = checkpoint.create_manager(workdir, max_to_keep=3, read_only=True).all_steps()
+  assert steps == [3]  # the step after the notice, agreed by both hosts
+  assert all('Preempted: saved step 3' in log for log in logs)
+  assert max(_losses(workdir)) == 3  # process 0 alone writes the metrics
+  _launch(workdir)  # the same command again, on both hosts
+  assert _losses(workdir) == _losses(reference)
