@@ -52,7 +52,8 @@ def imagenet_recipe(model_name: str) -> config_dict.ConfigDict:
   config.model.img_size = 224  # training/eval resolution; fixes the pos_embed grid.
   config.model.drop_path_rate = 0.2
   config.model.dtype = 'float32'  # compute dtype; 'bfloat16' = mixed precision (fp32 params).
-  config.model.scan_impl = 'auto'  # 'auto' (fused kernel on GPU) | 'associative' | 'sequential' | 'fused'.
+  # Selective scan: 'auto' (the fused kernel on GPU) | 'associative' | 'sequential' | 'fused'.
+  config.model.scan_impl = 'auto'
   config.model.remat_scan = True  # recompute the scan in the backward pass (saves memory).
 
   config.data = config_dict.ConfigDict()
@@ -125,8 +126,9 @@ def imagenet_recipe(model_name: str) -> config_dict.ConfigDict:
   # mode=eval: what to evaluate ('' = the workdir's latest checkpoint, else init_from).
   config.eval_from = ''
 
-  # Non-finite loss or gradients: False = stop with an error (no checkpoint of the bad state);
-  # True = skip the update (params, optimizer, BN stats, EMA unchanged) and count it.
+  # A non-finite loss or gradient is never applied (params, optimizer, BN stats and EMA stay
+  # unchanged). False = then stop with an error naming the steps (at the next log step; nothing
+  # is saved after the last good one); True = go on and count the skipped updates.
   config.skip_nonfinite_updates = False
 
   # Fault injection for tests; -1 = off. Steps count from 1 (the first update is step 1).

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tests.train.conftest import smoke_config
+from tests.train.smoke import smoke_config
 from vcmamba_jax import checkpoint, convert
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax.models import resize_pos_embed

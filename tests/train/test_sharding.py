@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tests.train.conftest import smoke_config
+from tests.train.smoke import smoke_config
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax.train import optim, trainer
 from vcmamba_jax.train import state as state_lib

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train.conftest import NUM_TRAIN_STEPS, smoke_config
+from tests.train.smoke import NUM_TRAIN_STEPS, smoke_config
 from vcmamba_jax import checkpoint, train
 from vcmamba_jax.train.metrics import read_metrics
 
@@ -46,7 +46,8 @@ def test_smoke_run_on_8_devices_learns(reference_run):
                                           read_only=True).all_steps()) == [4, 8]
   evaluation = _eval_row(reference_run)
   assert evaluation['step'] == NUM_TRAIN_STEPS and evaluation['eval/num_examples'] == 20
-  assert {'eval/top1', 'eval/top5', 'eval/loss', 'eval/ema_top1', 'eval/ema_loss'} <= set(evaluation)
+  expected_keys = {'eval/top1', 'eval/top5', 'eval/loss', 'eval/ema_top1', 'eval/ema_loss'}
+  assert expected_keys <= set(evaluation)
   assert os.path.exists(os.path.join(reference_run, 'config.json'))
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(reference_run))
 
@@ -118,5 +119,6 @@ def test_skip_nonfinite_updates_continues(imagenet_dir, tmp_path):
   assert max(rows) == NUM_TRAIN_STEPS
   assert rows[5]['train/skipped_updates'] == 0
   assert rows[6]['train/skipped_updates'] == 1 and rows[6]['train/loss'] == 'nan'
+  assert rows[6]['train/param_norm'] == rows[5]['train/param_norm']  # the update was not applied
   assert rows[8]['train/skipped_updates'] == 1 and math.isfinite(rows[8]['train/loss'])
   assert math.isfinite(result['eval/top1'])

@@ -9,8 +9,9 @@ Measured, each after `warmup` untimed steps (compilation included there):
   pipeline         the input pipeline alone (img/s of this host).
 MFU = FLOPs of the compiled step per device (XLA cost analysis of the partitioned program, so
 rematerialised work counts) / step time / the device's peak (dense bf16; TF32 for float32 configs
-on NVIDIA GPUs, whose default matmul precision is TF32). Peak memory is
-`device.memory_stats()['peak_bytes_in_use']` (absent on CPU).
+on NVIDIA GPUs, whose default matmul precision is TF32). Peak memory is the largest
+`device.memory_stats()['peak_bytes_in_use']` of the local devices since the process started
+(absent on CPU); train_synthetic runs first, so its number is the training peak.
 """
 
 from __future__ import annotations

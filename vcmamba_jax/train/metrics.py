@@ -16,6 +16,8 @@ from typing import Any
 
 import jax
 from absl import logging
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -29,8 +31,6 @@ class MetricWriter:
     self._jsonl = None
     self._events = None
     if self.enabled:
-      from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115 (run-long)
       self._events = EventFileWriter(workdir)
@@ -39,8 +39,6 @@ class MetricWriter:
     """Writes scalar `metrics` at `step` (non-numbers are skipped for TensorBoard)."""
     if not self.enabled:
       return
-    from tensorboard.compat.proto import event_pb2, summary_pb2
-
     row = {'step': int(step)}
     row.update({k: _to_python(v) for k, v in metrics.items()})
     self._jsonl.write(json.dumps(row) + '\n')
@@ -147,7 +145,7 @@ def log_progress(step: int, total_steps: int, epoch: float, metrics: Mapping[str
 class _LibraryInfoFilter(std_logging.Filter):
   """Drops INFO/DEBUG records of chatty libraries (orbax logs ~30 lines per checkpoint)."""
 
-  LIBRARIES = ('/orbax/', '/grain/')
+  LIBRARIES = ('/orbax/', '/grain/', '/tensorflow_datasets/')
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return (record.levelno >= std_logging.WARNING

@@ -27,7 +27,7 @@ class TrainState:
     opt_state: optimizer state (AdamW moments and count).
     ema: exponential moving average of {'params', 'batch_stats'} ({} when the EMA is off).
     rng: raw uint32 [2] PRNG key; step s draws its randomness from fold_in(rng, s).
-    skipped_updates: int32 [], non-finite updates skipped (with skip_nonfinite_updates).
+    skipped_updates: int32 [], non-finite updates that were not applied.
   """
   step: jax.Array
   params: Any

@@ -76,11 +76,13 @@ def make_train_step(
 
   `batch`: global arrays image uint8 [B, H, W, 3], label int32 [B] and, optionally, num_skipped
   int32 [B] (undecodable records the input pipeline skipped, reported as a metric).
-  `metrics`: float32/int32 scalars loss, grad_norm, param_norm, lr, update_ok (False when the
-  loss or gradients were non-finite), skipped_records.
+  `metrics`: scalars loss, grad_norm (global l2), param_norm (after the update), lr (of this
+  update), update_ok (False when the loss or the gradients were non-finite: the update was not
+  applied), skipped_updates (total so far) and skipped_records (this batch).
+  The step's randomness (augmentation, drop path) is drawn from fold_in(state.rng, state.step),
+  so a resumed run repeats it exactly.
   """
   ema_decay = config.ema_decay
-  skip_nonfinite = config.skip_nonfinite_updates
   nan_at_step = config.debug.nan_at_step
   dist_head_weight = config.loss.dist_head_weight
 
@@ -107,14 +109,15 @@ def make_train_step(
     new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
     if state.ema:
       new = new.replace(ema=ema_update(state.ema, new.variables(), ema_decay))
-    if skip_nonfinite:
-      # A bad step keeps the old weights, Adam moments, BN statistics and EMA. Integer leaves
-      # (the optimizer's step counts) still advance, so the lr schedule stays on the step.
-      new = jax.tree.map(
-          lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(update_ok, n, o),
-          new, state)
-      new = new.replace(skipped_updates=state.skipped_updates + (~update_ok).astype(jnp.int32))
-    new = new.replace(step=state.step + 1)
+    # A non-finite update never reaches the state: the old weights, Adam moments, BN statistics
+    # and EMA are kept (the select fuses into the update, so it costs nothing). Integer leaves,
+    # the optimizer's step counts, still advance so that the lr schedule stays on the step.
+    # Whether the run then stops (default) or goes on is the host's decision, at the next check.
+    new = jax.tree.map(
+        lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(update_ok, n, o),
+        new, state)
+    new = new.replace(step=state.step + 1,
+                      skipped_updates=state.skipped_updates + (~update_ok).astype(jnp.int32))
 
     metrics = {
         'loss': loss,
