@@ -1,5 +1,6 @@
 """Two processes x 4 CPU devices, as on a 2-host cluster: SIGTERM on one host makes both save the
-same step and exit cleanly; rerunning resumes and reproduces the uninterrupted 2-process run.
+same step and exit cleanly; rerunning resumes and reproduces the uninterrupted 2-process run; and
+2 hosts x 4 devices train like 1 host x 8 devices.
 
 Opt-in (about 3 minutes on 2 cores; set VCMAMBA_MULTIPROCESS_TESTS=1): it compiles its own
 programs in two processes and runs CPU collectives across them (gloo).
@@ -23,6 +24,11 @@ pytestmark = pytest.mark.skipif(not os.environ.get('VCMAMBA_MULTIPROCESS_TESTS')
                                 reason='set VCMAMBA_MULTIPROCESS_TESTS=1 (slow)')
 
 
+_FLAGS = ['--config=configs/digits.py:smoke', '--config.num_train_steps=6',
+          '--config.log_every_steps=1', '--config.checkpoint_every_steps=100',
+          '--config.global_batch_size=32', '--config.eval_batch_size=64']
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('localhost', 0))
@@ -32,10 +38,7 @@ def _free_port() -> int:
 def _launch(workdir: str, extra: dict[int, list[str]] | None = None) -> list[str]:
   """Runs main.py as processes 0 and 1 of a 2-process job; returns their logs."""
   port = _free_port()
-  flags = ['--config=configs/digits.py:smoke', f'--workdir={workdir}',
-           '--config.num_train_steps=6', '--config.log_every_steps=1',
-           '--config.checkpoint_every_steps=100', '--config.global_batch_size=32',
-           '--config.eval_batch_size=64']
+  flags = [*_FLAGS, f'--workdir={workdir}']
   procs = []
   for process_id in (0, 1):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
@@ -65,3 +68,21 @@ def test_two_hosts_agree_on_the_preemption_step_and_resume(tmp_path):
   assert max(_losses(workdir)) == 3  # process 0 alone writes the metrics
   _launch(workdir)  # the same command again, on both hosts
   assert _losses(workdir) == _losses(reference)
+
+
+def test_two_hosts_train_like_one_host_with_the_same_devices(tmp_path):
+  """Each host reads its contiguous block of the global batch, so the global batch (rows in
+  order, hence mixup partners and per-row draws) does not depend on the host count."""
+  two_hosts = str(tmp_path / 'two_hosts')
+  _launch(two_hosts)
+  one_host = str(tmp_path / 'one_host')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  for key in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    env.pop(key, None)
+  run = subprocess.run([sys.executable, 'main.py', *_FLAGS, f'--workdir={one_host}'], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+  single, double = _losses(one_host), _losses(two_hosts)
+  assert sorted(single) == sorted(double) == list(range(1, 7))
+  for step in single:
+    assert abs(single[step] - double[step]) <= 1e-5 * abs(single[step]), step

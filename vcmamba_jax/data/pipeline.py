@@ -12,9 +12,11 @@ The GLOBAL sample stream is a pure function of (seed, dataset size, global batch
   N // 256 * 256` when R > 1 (RASampler's rule: an epoch covers about N/R distinct images, each R
   times) or N when R == 1 (or when N < 256); the last partial batch of an epoch is dropped and the
   next epoch starts with a fresh permutation, so epochs and optimizer steps line up exactly;
-- global position g goes to process g % P (the stream is interleaved across processes, as in
-  RASampler), so with the global batch size divisible by P, the P local batches of a step
-  together hold the global positions [k*B, (k+1)*B);
+- step k covers the global positions [k*B, (k+1)*B) and process p reads the contiguous block
+  [k*B + p*b, k*B + (p+1)*b) of it (b = B/P). `jax.make_array_from_process_local_data` puts
+  process p's rows at exactly that block of the global batch, so the global batch array (its
+  content AND its row order, which mixup partners and per-row random draws depend on) is the same
+  for any number of processes: a run gives the same numbers on 1 host or on a pod slice;
 - the augmentation of position g uses `np.random.default_rng((seed, 1, g))`: each of the R repeats
   of an image gets its own crop/flip/RandAugment draw.
 
@@ -219,8 +221,9 @@ class _RepeatedAugSampler(grain.MapDataset):
     if isinstance(index, slice):
       return self.slice(index)
     with self._stats.record_self_time():
-      local = index * self._local_batch + np.arange(self._local_batch, dtype=np.int64)
-      positions = local * self._process_count + self._process_index
+      global_batch = self._local_batch * self._process_count
+      positions = (index * global_batch + self._process_index * self._local_batch
+                   + np.arange(self._local_batch, dtype=np.int64))
       epochs, offsets = np.divmod(positions, self._positions_per_epoch)
       records = np.empty_like(positions)
       for epoch in np.unique(epochs):  # a batch spans at most two epochs
