@@ -14,6 +14,7 @@ variant (and any depth/width override) without a hand-written key table:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import zipfile
 from typing import Any, Mapping
@@ -214,15 +215,27 @@ def _torch_shape(key: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def expected_state_dict_shapes(model) -> dict[str, tuple[int, ...]]:
     """PyTorch key -> shape for every variable of ``model`` (num_batches_tracked excluded)."""
-    size = max(model.img_size, 32)
+    # Shapes depend on the structure alone; caching them keeps variant detection (which looks at
+    # every registered variant) and repeated loads from re-tracing the model.
+    key = (tuple(model.depths), tuple(model.widths), model.num_mamba_layers, model.num_classes,
+           vcmamba_lib.grid_size(model.img_size), model.mlp_ratio)
+    return dict(_expected_shapes(key))
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(key: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    depths, widths, num_mamba_layers, num_classes, grid, mlp_ratio = key
+    model = vcmamba_lib.VCMamba(depths=depths, widths=widths, num_mamba_layers=num_mamba_layers,
+                                num_classes=num_classes, img_size=32 * grid, mlp_ratio=mlp_ratio)
+    size = 32 * grid
     abstract = jax.eval_shape(
         lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, size, size, 3)), train=False))
-    shapes = {}
+    shapes = []
     for collection in ("params", "batch_stats"):
         for path, leaf in traverse_util.flatten_dict(abstract[collection]).items():
-            key = torch_key(path)
-            shapes[key] = _torch_shape(key, tuple(leaf.shape))
-    return shapes
+            torch_name = torch_key(path)
+            shapes.append((torch_name, _torch_shape(torch_name, tuple(leaf.shape))))
+    return tuple(shapes)
 
 
 def _variant_signature(shapes: Mapping[str, tuple[int, ...]]) -> tuple:
