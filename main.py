@@ -15,7 +15,8 @@ from ml_collections import config_flags
 import vcmamba_jax.train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Path to a config file, e.g. configs/vcmamba_b.py[:smoke].', lock_config=True)
+  'config', None, 'Path to a config file, e.g. configs/vcmamba_b.py[:smoke].', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
 flags.mark_flags_as_required(['config', 'workdir'])
 

@@ -112,7 +112,7 @@ def imagenet_recipe(model_name: str) -> config_dict.ConfigDict:
 
   config.mesh = config_dict.ConfigDict()
   config.mesh.fsdp = 1  # size of the fsdp mesh axis (-1: all devices); 1 = data parallel.
-  config.mesh.fsdp_min_size = 2 ** 14  # arrays smaller than this stay replicated under fsdp.
+  config.mesh.fsdp_min_size = 2**14  # arrays smaller than this stay replicated under fsdp.
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000

@@ -26,12 +26,14 @@ from vcmamba_jax.train import benchmark as benchmark_lib
 from vcmamba_jax.train import metrics as metrics_lib
 from vcmamba_jax.train import trainer
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (as for main.py).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Config file (as for main.py).', lock_config=True
+)
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per measurement.')
 _WARMUP = flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps first (compilation).')
-_MODES = flags.DEFINE_list('modes', 'train_synthetic,eval_synthetic,train_real,pipeline',
-                           'What to measure.')
+_MODES = flags.DEFINE_list(
+  'modes', 'train_synthetic,eval_synthetic,train_real,pipeline', 'What to measure.'
+)
 _PEAK = flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device (default: table).')
 _JSON_OUT = flags.DEFINE_string('json_out', None, 'Write the results as JSON here.')
 flags.mark_flags_as_required(['config'])
@@ -42,8 +44,13 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metrics_lib.quiet_library_logs()
   trainer.initialize_distributed(_CONFIG.value.distributed)
-  report = benchmark_lib.benchmark(_CONFIG.value, num_steps=_STEPS.value, warmup=_WARMUP.value,
-                                   modes=_MODES.value, peak=_PEAK.value)
+  report = benchmark_lib.benchmark(
+    _CONFIG.value,
+    num_steps=_STEPS.value,
+    warmup=_WARMUP.value,
+    modes=_MODES.value,
+    peak=_PEAK.value,
+  )
   if jax.process_index() == 0:
     print(benchmark_lib.format_table(report))
     if _JSON_OUT.value:

@@ -39,22 +39,32 @@ from absl import app, flags, logging
 from vcmamba_jax.data import datasets
 
 _MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', None,
-    'Directory with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar. With --fake: where '
-    'to write the synthetic tars (default DATA_DIR/fake_manual).')
+  'manual_dir',
+  None,
+  'Directory with ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar. With --fake: where '
+  'to write the synthetic tars (default DATA_DIR/fake_manual).',
+)
 _DATA_DIR = flags.DEFINE_string(
-    'data_dir', None, 'TFDS data dir to write to (default: $TFDS_DATA_DIR or '
-    '~/tensorflow_datasets). Required with --fake.')
+  'data_dir',
+  None,
+  'TFDS data dir to write to (default: $TFDS_DATA_DIR or '
+  '~/tensorflow_datasets). Required with --fake.',
+)
 _FAKE = flags.DEFINE_bool(
-    'fake', False, 'Write a synthetic manual_dir (random JPEGs, real tar layout) first and '
-    'build that, to try the pipeline without ImageNet.')
+  'fake',
+  False,
+  'Write a synthetic manual_dir (random JPEGs, real tar layout) first and '
+  'build that, to try the pipeline without ImageNet.',
+)
 _FAKE_NUM_CLASSES = flags.DEFINE_integer('fake_num_classes', 100, '--fake: number of classes.')
 _FAKE_IMAGES_PER_CLASS = flags.DEFINE_integer(
-    'fake_images_per_class', 20, '--fake: training images per class.')
+  'fake_images_per_class', 20, '--fake: training images per class.'
+)
 _FAKE_NUM_VAL = flags.DEFINE_integer('fake_num_val', 500, '--fake: validation images.')
 _FAKE_MIN_SIZE = flags.DEFINE_integer('fake_min_size', 300, '--fake: smallest image side.')
 _FAKE_MAX_SIZE = flags.DEFINE_integer(
-    'fake_max_size', 500, '--fake: largest image side (ImageNet averages about 400x350).')
+  'fake_max_size', 500, '--fake: largest image side (ImageNet averages about 400x350).'
+)
 _SEED = flags.DEFINE_integer('seed', 0, '--fake: random seed of the synthetic images.')
 
 
@@ -65,25 +75,38 @@ def main(argv: list[str]) -> None:
   if _FAKE.value:
     if _DATA_DIR.value is None:
       raise app.UsageError(
-          '--fake needs an explicit --data_dir, so that a synthetic imagenet2012 never lands in '
-          'your default TFDS directory where it would later be mistaken for the real one')
+        '--fake needs an explicit --data_dir, so that a synthetic imagenet2012 never lands in '
+        'your default TFDS directory where it would later be mistaken for the real one'
+      )
     default_location = manual_dir is None
     manual_dir = manual_dir or os.path.join(_DATA_DIR.value, 'fake_manual')
-    existing = [name for name in (datasets.IMAGENET_TRAIN_TAR, datasets.IMAGENET_VAL_TAR)
-                if (Path(manual_dir) / name).exists()]
+    existing = [
+      name
+      for name in (datasets.IMAGENET_TRAIN_TAR, datasets.IMAGENET_VAL_TAR)
+      if (Path(manual_dir) / name).exists()
+    ]
     if existing and not default_location:
       raise app.UsageError(
-          f'{manual_dir} already holds {existing}; refusing to overwrite them with synthetic '
-          'data. Pick another --manual_dir (or omit it).')
+        f'{manual_dir} already holds {existing}; refusing to overwrite them with synthetic '
+        'data. Pick another --manual_dir (or omit it).'
+      )
     if existing:
       logging.info('Reusing the synthetic manual_dir in %s', manual_dir)
     else:
       fake = datasets.write_fake_imagenet_manual_dir(
-          manual_dir, num_classes=_FAKE_NUM_CLASSES.value,
-          images_per_class=_FAKE_IMAGES_PER_CLASS.value, num_val=_FAKE_NUM_VAL.value,
-          seed=_SEED.value, image_size=(_FAKE_MIN_SIZE.value, _FAKE_MAX_SIZE.value))
-      logging.info('Wrote a synthetic manual_dir: %d train / %d val images in %s',
-                   fake.num_train, fake.num_val, fake.manual_dir)
+        manual_dir,
+        num_classes=_FAKE_NUM_CLASSES.value,
+        images_per_class=_FAKE_IMAGES_PER_CLASS.value,
+        num_val=_FAKE_NUM_VAL.value,
+        seed=_SEED.value,
+        image_size=(_FAKE_MIN_SIZE.value, _FAKE_MAX_SIZE.value),
+      )
+      logging.info(
+        'Wrote a synthetic manual_dir: %d train / %d val images in %s',
+        fake.num_train,
+        fake.num_val,
+        fake.manual_dir,
+      )
   elif manual_dir is None:
     raise app.UsageError('pass --manual_dir=DIR (with the ILSVRC2012 tars) or --fake')
   path = datasets.prepare_imagenet2012(manual_dir, _DATA_DIR.value)

@@ -6,26 +6,26 @@ processes) do not pay for importing the models and their dependencies.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = '0.1.0'
 
 _EXPORTS = {
-    "create_model": "vcmamba_jax.models",
-    "list_models": "vcmamba_jax.models",
-    "load_pytorch_weights": "vcmamba_jax.convert",
-    "to_pytorch_state_dict": "vcmamba_jax.convert",
-    "load_pretrained": "vcmamba_jax.convert",
-    "save_pretrained": "vcmamba_jax.convert",
+  'create_model': 'vcmamba_jax.models',
+  'list_models': 'vcmamba_jax.models',
+  'load_pytorch_weights': 'vcmamba_jax.convert',
+  'to_pytorch_state_dict': 'vcmamba_jax.convert',
+  'load_pretrained': 'vcmamba_jax.convert',
+  'save_pretrained': 'vcmamba_jax.convert',
 }
 
 
 def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'vcmamba_jax' has no attribute {name!r}")
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'vcmamba_jax' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+  return sorted(list(globals()) + list(_EXPORTS))
 
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ['__version__']

@@ -35,22 +35,31 @@ DATA_ITER_ITEM = 'data_iter'
 # ------------------------------------------------------------------------------------------------
 
 
-def create_manager(workdir: str, *, max_to_keep: int, async_save: bool = True,
-                   read_only: bool = False) -> ocp.CheckpointManager:
+def create_manager(
+  workdir: str, *, max_to_keep: int, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
   """Orbax manager of `workdir/checkpoints` with the items 'state' and 'data_iter'.
 
   Steps are saved only when `save` is called (the training loop decides when); the newest
   `max_to_keep` are kept.
   """
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR),
-                               item_names=(STATE_ITEM, DATA_ITER_ITEM), options=options)
+    max_to_keep=max_to_keep,
+    create=not read_only,
+    read_only=read_only,
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=True,
+  )
+  return ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR),
+    item_names=(STATE_ITEM, DATA_ITER_ITEM),
+    options=options,
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         data_iterator: grain.DatasetIterator | None) -> None:
+def save(
+  manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: grain.DatasetIterator | None
+) -> None:
   """Starts an asynchronous save of `state` (+ the iterator position) as `step`.
 
   Returns once the device arrays have been copied; the files are written in the background
@@ -65,8 +74,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, shardings: Any,
-            data_iterator: grain.DatasetIterator | None) -> Any:
+def restore(
+  manager: ocp.CheckpointManager,
+  step: int,
+  abstract_state: Any,
+  shardings: Any,
+  data_iterator: grain.DatasetIterator | None,
+) -> Any:
   """Restores the state of `step` directly into `shardings` (and the iterator, in place).
 
   Args:
@@ -76,8 +90,10 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, shar
       position, or None.
   """
   target = jax.tree.map(
-      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      abstract_state, shardings)
+    lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+    abstract_state,
+    shardings,
+  )
   items = {STATE_ITEM: ocp.args.StandardRestore(target)}
   if data_iterator is not None:
     items[DATA_ITER_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -85,10 +101,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, shar
     restored = manager.restore(step, args=ocp.args.Composite(**items))
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(
-        f'Cannot restore {manager.directory}/{step} into this run: {e}\nThe checkpoint was '
-        'written by a different configuration (model, optimizer, EMA or input pipeline '
-        'settings, or another number of processes). Use a fresh '
-        '--workdir, or start from its weights with --config.init_from=<that workdir>.') from e
+      f'Cannot restore {manager.directory}/{step} into this run: {e}\nThe checkpoint was '
+      'written by a different configuration (model, optimizer, EMA or input pipeline '
+      'settings, or another number of processes). Use a fresh '
+      '--workdir, or start from its weights with --config.init_from=<that workdir>.'
+    ) from e
   return restored[STATE_ITEM]
 
 
@@ -152,8 +169,11 @@ def find_training_checkpoint(path: str) -> str | None:
     path = os.path.join(path, CHECKPOINTS_DIR)
   if not os.path.isdir(path):
     return None
-  steps = [int(name) for name in os.listdir(path)
-           if name.isdigit() and os.path.isdir(os.path.join(path, name, STATE_ITEM))]
+  steps = [
+    int(name)
+    for name in os.listdir(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, name, STATE_ITEM))
+  ]
   return os.path.join(path, str(max(steps)), STATE_ITEM) if steps else None
 
 
@@ -166,5 +186,7 @@ def read_training_weights(state_dir: str) -> dict[str, Any]:
   tree = checkpointer.metadata(state_dir).item_metadata.tree
   wanted = {k: tree[k] for k in ('params', 'batch_stats', 'ema') if tree.get(k)}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=wanted, restore_args=restore_args, partial_restore=True))
+  return checkpointer.restore(
+    state_dir,
+    args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True),
+  )

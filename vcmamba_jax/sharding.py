@@ -41,10 +41,15 @@ def create_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> M
     fsdp = num_devices
   if fsdp < 1 or num_devices % fsdp:
     raise ValueError(
-        f'mesh.fsdp={fsdp} must divide the number of devices ({num_devices}); '
-        f'pick a divisor of {num_devices} or -1 for all devices.')
-  return jax.make_mesh((num_devices // fsdp, fsdp), BATCH_AXES,
-                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+      f'mesh.fsdp={fsdp} must divide the number of devices ({num_devices}); '
+      f'pick a divisor of {num_devices} or -1 for all devices.'
+    )
+  return jax.make_mesh(
+    (num_devices // fsdp, fsdp),
+    BATCH_AXES,
+    axis_types=(AxisType.Auto, AxisType.Auto),
+    devices=devices,
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -82,8 +87,9 @@ def state_shardings(mesh: Mesh, abstract_tree: Any, fsdp_min_size: int = 0) -> A
   """
   fsdp_size = mesh.shape[FSDP_AXIS]
   return jax.tree.map(
-      lambda leaf: NamedSharding(mesh, fsdp_partition_spec(leaf.shape, fsdp_size, fsdp_min_size)),
-      abstract_tree)
+    lambda leaf: NamedSharding(mesh, fsdp_partition_spec(leaf.shape, fsdp_size, fsdp_min_size)),
+    abstract_tree,
+  )
 
 
 def make_global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -104,8 +110,8 @@ def make_global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict
     value = np.asarray(value)
     if value.shape[0] % num_shards:
       raise ValueError(
-          f'local batch of {value.shape[0]} ({key!r}) is not divisible by the {num_shards} local '
-          'devices; choose a global batch size divisible by the number of devices.')
+        f'local batch of {value.shape[0]} ({key!r}) is not divisible by the {num_shards} local '
+        'devices; choose a global batch size divisible by the number of devices.'
+      )
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
-

@@ -21,8 +21,15 @@ def fake_imagenet(tmp_path_factory: pytest.TempPathFactory) -> BuiltFakeImagenet
   23 validation images; built into ArrayRecord by TFDS's own imagenet2012 builder."""
   root = tmp_path_factory.mktemp('fake_imagenet')
   fake = vd.write_fake_imagenet_manual_dir(
-      root / 'manual', num_classes=8, images_per_class=8, num_val=23, seed=0,
-      image_size=(40, 96), corrupt_train=2, special_images=True)
+    root / 'manual',
+    num_classes=8,
+    images_per_class=8,
+    num_val=23,
+    seed=0,
+    image_size=(40, 96),
+    corrupt_train=2,
+    special_images=True,
+  )
   data_dir = root / 'tfds'
   vd.prepare_imagenet2012(fake.manual_dir, data_dir)
   return BuiltFakeImagenet(data_dir=data_dir, fake=fake)

@@ -21,7 +21,8 @@ def test_digits_builds_offline_with_stated_split_sizes_and_stratified_labels(dig
 
   targets = load_digits().target
   train_idx, val_idx = train_test_split(
-      np.arange(len(targets)), test_size=360, stratify=targets, random_state=0)
+    np.arange(len(targets)), test_size=360, stratify=targets, random_state=0
+  )
   for source, idx in ((train, train_idx), (val, val_idx)):
     labels = collections.Counter(int(source[i]['label']) for i in range(len(source)))
     assert labels == collections.Counter(targets[idx].tolist())
@@ -30,8 +31,9 @@ def test_digits_builds_offline_with_stated_split_sizes_and_stratified_labels(dig
 
   image = vd.decode_image(train[0]['image'])
   assert image.shape == (32, 32, 3) and image.dtype == np.uint8
-  assert np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0],
-                                                                         image[..., 2])
+  assert np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(
+    image[..., 0], image[..., 2]
+  )
   assert image.max() > 200 and image.min() < 30  # a real stroke on a dark background
   assert vd.get_num_classes(vd.DIGITS, digits_dir) == 10
 
@@ -65,8 +67,12 @@ def test_fake_imagenet_builds_with_real_tfds_builder(fake_imagenet):
 
   # Validation labels: the first 23 official labels, by sorted file name.
   from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
-  official = Path(imagenet_common.tfds.core.tfds_path(
-      'datasets/imagenet2012/validation_labels.txt')).read_text().split()[:23]
+
+  official = (
+    Path(imagenet_common.tfds.core.tfds_path('datasets/imagenet2012/validation_labels.txt'))
+    .read_text()
+    .split()[:23]
+  )
   got = {val[i]['file_name'].decode(): int(val[i]['label']) for i in range(len(val))}
   expected = {f'ILSVRC2012_val_{i + 1:08d}.JPEG': synsets.index(s) for i, s in enumerate(official)}
   assert got == expected
@@ -91,8 +97,7 @@ def test_prepare_imagenet_names_missing_tars(tmp_path):
 
 def test_fake_manual_dir_rejects_bad_sizes(tmp_path):
   with pytest.raises(ValueError, match='corrupt_train'):
-    vd.write_fake_imagenet_manual_dir(tmp_path, num_classes=1, images_per_class=2,
-                                      corrupt_train=3)
+    vd.write_fake_imagenet_manual_dir(tmp_path, num_classes=1, images_per_class=2, corrupt_train=3)
 
 
 def test_class_names_follow_tfds_label_order():
@@ -103,5 +108,6 @@ def test_class_names_follow_tfds_label_order():
   assert full[0] == 'tench, Tinca tinca'
   assert names[134] == names[517] == 'crane'
   from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
+
   tfds_synsets = Path(imagenet_common.label_names_file()).read_text().split()
   assert transforms.imagenet_synsets() == tfds_synsets

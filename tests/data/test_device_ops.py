@@ -13,15 +13,17 @@ from vcmamba_jax import data as vd
 
 def _distinct_images(batch: int, size: int = 16) -> jnp.ndarray:
   # Image b is the constant b + 1, so every pixel tells which image it came from.
-  return jnp.broadcast_to(jnp.arange(1, batch + 1, dtype=jnp.float32)[:, None, None, None],
-                          (batch, size, size, 3))
+  return jnp.broadcast_to(
+    jnp.arange(1, batch + 1, dtype=jnp.float32)[:, None, None, None], (batch, size, size, 3)
+  )
 
 
 def test_normalize_uses_imagenet_statistics():
   images = jnp.array([[[[0, 128, 255]]]], jnp.uint8)
   out = vd.normalize(images)
   expected = (np.array([0, 128, 255]) / 255 - np.array(vd.IMAGENET_MEAN)) / np.array(
-      vd.IMAGENET_STD)
+    vd.IMAGENET_STD
+  )
   np.testing.assert_allclose(np.asarray(out)[0, 0, 0], expected, rtol=1e-6)
   assert out.dtype == jnp.float32 and vd.normalize(images, jnp.bfloat16).dtype == jnp.bfloat16
 
@@ -67,7 +69,7 @@ def test_cutmix_lambda_equals_the_pasted_area_and_mixup_blends():
       # The pasted region is one axis-aligned box, at the same place in every image.
       rows, cols = np.nonzero(pasted)
       if rows.size:
-        assert pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert pasted[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
       np.testing.assert_array_equal(np.isclose(mixed[3], images[4]).all(-1), pasted)
     else:  # mixup: x * lam + flip(x) * (1 - lam), one lambda for the whole batch
       kinds['mixup'].append(lam)
@@ -82,8 +84,9 @@ def test_cutmix_lambda_equals_the_pasted_area_and_mixup_blends():
 
 def test_mixup_disabled_returns_smoothed_one_hot():
   images = _distinct_images(4)
-  out, targets = vd.mixup_cutmix(jax.random.key(0), images, jnp.arange(4), num_classes=4,
-                                 mixup_alpha=0.0, cutmix_alpha=0.0)
+  out, targets = vd.mixup_cutmix(
+    jax.random.key(0), images, jnp.arange(4), num_classes=4, mixup_alpha=0.0, cutmix_alpha=0.0
+  )
   assert out is images
   np.testing.assert_allclose(targets, vd.one_hot_smoothed(jnp.arange(4), 4, 0.1))
 
@@ -97,8 +100,9 @@ def test_mixup_cutmix_under_jit_with_a_batch_sharded_over_devices():
   labels = jnp.arange(_BATCH) % _CLASSES
   for seed in (0, 1, 2, 3):  # covers both mixup and cutmix
     expected = _mix(jax.random.key(seed), images, labels)
-    got = _mix(jax.random.key(seed), jax.device_put(images, sharding),
-               jax.device_put(labels, sharding))
+    got = _mix(
+      jax.random.key(seed), jax.device_put(images, sharding), jax.device_put(labels, sharding)
+    )
     assert got[0].sharding.is_equivalent_to(sharding, 4)
     for a, b in zip(got, expected, strict=True):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
@@ -115,7 +119,7 @@ def test_random_erasing_touches_a_quarter_of_images_with_one_in_bounds_box():
   for mask in changed[erased][:300]:
     rows, cols = np.nonzero(mask)
     box_h, box_w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-    assert mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one full box
+    assert mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()  # one full box
     assert mask.sum() == box_h * box_w and box_h < height and box_w < width
     areas.append(box_h * box_w / (height * width))
   # area ~ U(0.02, 1/3) up to rounding of the box sides to whole pixels

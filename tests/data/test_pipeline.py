@@ -15,8 +15,14 @@ from vcmamba_jax.data import transforms
 
 
 def _train(source, **kwargs):
-  kwargs = {'global_batch_size': 32, 'image_size': 32, 'seed': 0, 'process_index': 0,
-            'process_count': 1, **kwargs}
+  kwargs = {
+    'global_batch_size': 32,
+    'image_size': 32,
+    'seed': 0,
+    'process_index': 0,
+    'process_count': 1,
+    **kwargs,
+  }
   return iter(vd.create_train_dataset(source=source, **kwargs))
 
 
@@ -50,8 +56,15 @@ def digits_train(digits_dir):
 
 def test_train_iterator_on_fake_imagenet_yields_full_uint8_batches(fake_imagenet):
   iterator = vd.create_train_iterator(
-      dataset=vd.IMAGENET, split='train', data_dir=fake_imagenet.data_dir, global_batch_size=8,
-      image_size=64, seed=0, process_index=0, process_count=1)
+    dataset=vd.IMAGENET,
+    split='train',
+    data_dir=fake_imagenet.data_dir,
+    global_batch_size=8,
+    image_size=64,
+    seed=0,
+    process_index=0,
+    process_count=1,
+  )
   source = vd.get_source(vd.IMAGENET, 'train', fake_imagenet.data_dir)
   for batch in _take(iterator, 4):
     assert batch['image'].shape == (8, 64, 64, 3) and batch['image'].dtype == np.uint8
@@ -73,8 +86,9 @@ def test_repeated_augmentation_stream_follows_the_documented_rule(digits_train):
   np.testing.assert_array_equal(stream, expected)
   # Each index 3 times in a row; 426 full triples + 2 copies in epoch 0, all distinct.
   epoch0 = stream[:1280]
-  assert np.all(epoch0[0:1278:3] == epoch0[1:1278:3]) and np.all(epoch0[0:1278:3] ==
-                                                                  epoch0[2:1278:3])
+  assert np.all(epoch0[0:1278:3] == epoch0[1:1278:3]) and np.all(
+    epoch0[0:1278:3] == epoch0[2:1278:3]
+  )
   assert len(set(epoch0[0:1278:3].tolist())) == 426
   # Epoch 1 starts a new permutation at step 40.
   assert stream[1280] == stream[1282] and stream[1280] != epoch0[0]
@@ -95,8 +109,10 @@ def test_same_seed_gives_identical_batches_and_another_seed_differs(digits_train
 
 def test_processes_read_contiguous_blocks_of_one_global_batch(digits_train):
   single = _take(_train(digits_train, global_batch_size=24), 3)
-  shards = [_take(_train(digits_train, global_batch_size=24, process_index=p, process_count=3), 3)
-            for p in range(3)]
+  shards = [
+    _take(_train(digits_train, global_batch_size=24, process_index=p, process_count=3), 3)
+    for p in range(3)
+  ]
   for step in range(3):
     for key in ('index', 'label', 'image'):
       for p in range(3):
@@ -106,29 +122,28 @@ def test_processes_read_contiguous_blocks_of_one_global_batch(digits_train):
       np.testing.assert_array_equal(merged, single[step][key], err_msg=key)
 
 
-def test_worker_processes_give_the_same_batches_and_resume_from_checkpoint(digits_train,
-                                                                           tmp_path):
+def test_worker_processes_give_the_same_batches_and_resume_from_checkpoint(digits_train, tmp_path):
   reference = _take(_train(digits_train, num_workers=0), 4)
-  manager = ocp.CheckpointManager(tmp_path / 'ckpt', options=ocp.CheckpointManagerOptions(
-      create=True))
+  manager = ocp.CheckpointManager(
+    tmp_path / 'ckpt', options=ocp.CheckpointManagerOptions(create=True)
+  )
   with_workers = _train(digits_train, num_workers=2)
   got = [next(with_workers), next(with_workers)]
-  manager.save(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(
-      with_workers)))
+  manager.save(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(with_workers)))
   manager.wait_until_finished()
   got += _take(with_workers, 2)
   _assert_same_batches(got, reference)
   assert flags.FLAGS.is_parsed()  # pytest never parsed absl flags; the pipeline handled it
 
   resumed = _train(digits_train, num_workers=2)
-  manager.restore(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(
-      resumed)))
+  manager.restore(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(resumed)))
   _assert_same_batches(_take(resumed, 2), reference[2:])
 
 
 def test_orbax_checkpoint_restores_the_next_batches(digits_train, tmp_path):
-  manager = ocp.CheckpointManager(tmp_path / 'ckpt', options=ocp.CheckpointManagerOptions(
-      max_to_keep=2, create=True))
+  manager = ocp.CheckpointManager(
+    tmp_path / 'ckpt', options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+  )
   iterator = _train(digits_train)
   for _ in range(3):
     next(iterator)
@@ -139,8 +154,10 @@ def test_orbax_checkpoint_restores_the_next_batches(digits_train, tmp_path):
   assert len(state_files) == 1 and json.loads(state_files[0].read_text())
 
   fresh = _train(digits_train)
-  manager.restore(manager.latest_step(), args=ocp.args.Composite(
-      data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+  manager.restore(
+    manager.latest_step(),
+    args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh)),
+  )
   _assert_same_batches(_take(fresh, 2), expected)
 
 
@@ -156,8 +173,9 @@ def test_corrupt_records_are_skipped_counted_and_logged(fake_imagenet, caplog):
 
   steps = 30
   with caplog.at_level(logging.WARNING):
-    batches = _take(_train(source, global_batch_size=8, image_size=48, seed=1,
-                           randaugment=None), steps)
+    batches = _take(
+      _train(source, global_batch_size=8, image_size=48, seed=1, randaugment=None), steps
+    )
   # Replay the documented rule: N = 80 < 256, so an epoch is 80 positions (10 steps of 8); a
   # corrupt record is replaced by uniform draws from default_rng((seed, 2, position)).
   kept, skipped = [], []
@@ -176,8 +194,9 @@ def test_corrupt_records_are_skipped_counted_and_logged(fake_imagenet, caplog):
   np.testing.assert_array_equal(np.concatenate([b['index'] for b in batches]), kept)
   np.testing.assert_array_equal(np.concatenate([b['num_skipped'] for b in batches]), skipped)
   assert not set(np.concatenate([b['index'] for b in batches]).tolist()) & corrupt
-  logged = [r.getMessage() for r in caplog.records if 'Skipping undecodable record' in
-            r.getMessage()]
+  logged = [
+    r.getMessage() for r in caplog.records if 'Skipping undecodable record' in r.getMessage()
+  ]
   assert len(logged) == sum(skipped)
   assert all(any(f'record {i} ' in message for i in corrupt) for message in logged)
 
@@ -198,8 +217,9 @@ def test_epoch_rule_and_argument_validation():
   assert vd.samples_per_epoch(200, repeated_aug=3) == 200
   assert vd.eval_num_batches(50000, 1024, 8) == 49
   with pytest.raises(ValueError, match='multiple of the number of processes'):
-    vd.create_train_dataset(source=list(range(1000)), global_batch_size=10, process_index=0,
-                            process_count=4)
+    vd.create_train_dataset(
+      source=list(range(1000)), global_batch_size=10, process_index=0, process_count=4
+    )
   with pytest.raises(ValueError, match='larger than one epoch'):
     vd.train_steps_per_epoch(100, 128)
 
@@ -215,16 +235,24 @@ def test_measure_throughput_counts_images(digits_train):
 
 @pytest.mark.parametrize('process_count,global_batch_size', [(1, 5), (3, 6), (4, 8)])
 def test_eval_covers_every_record_exactly_once_with_equal_batch_counts(
-    fake_imagenet, process_count, global_batch_size):
+  fake_imagenet, process_count, global_batch_size
+):
   source = vd.get_source(vd.IMAGENET, 'validation', fake_imagenet.data_dir)
   local = global_batch_size // process_count
   num_batches = vd.eval_num_batches(len(source), global_batch_size, process_count)
   assert num_batches == math.ceil(math.ceil(23 / process_count) / local)
   seen = []
   for p in range(process_count):
-    batches = list(vd.create_eval_iterator(
-        dataset=vd.IMAGENET, data_dir=fake_imagenet.data_dir, global_batch_size=global_batch_size,
-        image_size=32, process_index=p, process_count=process_count))
+    batches = list(
+      vd.create_eval_iterator(
+        dataset=vd.IMAGENET,
+        data_dir=fake_imagenet.data_dir,
+        global_batch_size=global_batch_size,
+        image_size=32,
+        process_index=p,
+        process_count=process_count,
+      )
+    )
     assert len(batches) == num_batches  # same count on every process
     start, end = vd.eval_shard_bounds(23, p, process_count)
     indices = []
@@ -243,9 +271,18 @@ def test_eval_covers_every_record_exactly_once_with_equal_batch_counts(
 
 def test_eval_with_worker_processes_matches_in_process(fake_imagenet):
   def batches(num_workers):
-    return list(vd.create_eval_iterator(
-        dataset=vd.IMAGENET, data_dir=fake_imagenet.data_dir, global_batch_size=4,
-        image_size=32, process_index=0, process_count=1, num_workers=num_workers))
+    return list(
+      vd.create_eval_iterator(
+        dataset=vd.IMAGENET,
+        data_dir=fake_imagenet.data_dir,
+        global_batch_size=4,
+        image_size=32,
+        process_index=0,
+        process_count=1,
+        num_workers=num_workers,
+      )
+    )
+
   in_process = batches(0)
   assert len(in_process) == 6  # ceil(23 / 4)
   _assert_same_batches(batches(2), in_process)

@@ -12,8 +12,7 @@ from vcmamba_jax.data import transforms
 
 def _smooth_rgb(width: int, height: int, seed: int = 0) -> np.ndarray:
   rng = np.random.default_rng(seed)
-  coarse = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3),
-                        dtype=np.uint8)
+  coarse = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
   return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC))
 
 
@@ -46,10 +45,13 @@ def test_random_resized_crop_boxes_are_in_bounds_with_area_and_ratio_in_range():
   assert 0.35 < areas.mean() < 0.54
 
 
-@pytest.mark.parametrize('width,height,expected', [
-    (2000, 20, (0, 986, 20, 27)),   # too wide for any attempt: centre crop at ratio 4/3
-    (20, 2000, (986, 0, 27, 20)),   # too tall: centre crop at ratio 3/4
-])
+@pytest.mark.parametrize(
+  'width,height,expected',
+  [
+    (2000, 20, (0, 986, 20, 27)),  # too wide for any attempt: centre crop at ratio 4/3
+    (20, 2000, (986, 0, 27, 20)),  # too tall: centre crop at ratio 3/4
+  ],
+)
 def test_random_resized_crop_falls_back_to_clamped_centre_crop(width, height, expected):
   assert vd.random_resized_crop_box(np.random.default_rng(1), width, height) == expected
 
@@ -74,8 +76,9 @@ def test_reduced_jpeg_decode_matches_full_decode_and_keeps_crop_geometry(monkeyp
   compared = 0
   for seed in range(40):
     fast, box = transforms.decode_random_resized_crop(data, np.random.default_rng(seed), 224)
-    exact, box_exact = transforms.decode_random_resized_crop(data, np.random.default_rng(seed), 224,
-                                                    reduced_decode=False)
+    exact, box_exact = transforms.decode_random_resized_crop(
+      data, np.random.default_rng(seed), 224, reduced_decode=False
+    )
     assert box == box_exact and fast.size == exact.size == (224, 224)
     if transforms._choose_draft_scale(box[3], box[2], 224, 224) > 1:
       compared += 1
@@ -101,11 +104,14 @@ def test_train_transform_on_grayscale_jpeg_gives_grey_rgb():
   assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
 
 
-@pytest.mark.parametrize('data', [
-    _jpeg(_smooth_rgb(200, 150))[:700],            # truncated
+@pytest.mark.parametrize(
+  'data',
+  [
+    _jpeg(_smooth_rgb(200, 150))[:700],  # truncated
     b'\xff\xd8\xff\xe0' + bytes(range(256)) * 2,  # JPEG signature, garbage body
     b'not an image at all',
-])
+  ],
+)
 def test_undecodable_bytes_raise_image_decode_error(data):
   with pytest.raises(vd.ImageDecodeError):
     vd.TrainTransform(64)(data, np.random.default_rng(0))
@@ -215,7 +221,7 @@ def test_translate_rel_shifts_by_45_percent_and_fills_with_mean_pixel():
   signs = set()
   for seed in range(12):
     out = np.asarray(_ra(10).apply_op(img, 'TranslateXRel', np.random.default_rng(seed)))
-    if np.array_equal(out[:, :55], x[:, 45:]):       # content moved left by 45 px
+    if np.array_equal(out[:, :55], x[:, 45:]):  # content moved left by 45 px
       signs.add(+1)
       assert np.all(out[:, 55:] == (124, 116, 104))
     else:
@@ -242,11 +248,12 @@ def test_magnitude_noise_is_gaussian_std_half_clipped_at_10():
   black = Image.new('RGB', (4, 4))
   ra = _ra(9, std=0.5)
   rng = np.random.default_rng(0)
-  adds = np.array([np.asarray(ra.apply_op(black, 'SolarizeAdd', rng))[0, 0, 0]
-                   for _ in range(4000)], float)
-  assert 97.5 < adds.mean() < 99.5         # E[int(11 m)], m ~ N(9, 0.5): ~98.5
-  assert 4.5 < adds.std() < 6.3            # 11 * 0.5 = 5.5, a little less after clipping
-  assert adds.max() == 110                 # clipped at magnitude 10 ...
+  adds = np.array(
+    [np.asarray(ra.apply_op(black, 'SolarizeAdd', rng))[0, 0, 0] for _ in range(4000)], float
+  )
+  assert 97.5 < adds.mean() < 99.5  # E[int(11 m)], m ~ N(9, 0.5): ~98.5
+  assert 4.5 < adds.std() < 6.3  # 11 * 0.5 = 5.5, a little less after clipping
+  assert adds.max() == 110  # clipped at magnitude 10 ...
   assert 0.01 < np.mean(adds == 110) < 0.04  # ... which N(9, 0.5) exceeds 2.3% of the time
 
 
@@ -254,8 +261,10 @@ def test_each_op_is_applied_with_probability_half():
   img = _gradient()
   ra = transforms.RandAugment(prob=0.5)
   rng = np.random.default_rng(0)
-  applied = [not np.array_equal(np.asarray(ra.apply_op(img, 'Invert', rng)), np.asarray(img))
-             for _ in range(2000)]
+  applied = [
+    not np.array_equal(np.asarray(ra.apply_op(img, 'Invert', rng)), np.asarray(img))
+    for _ in range(2000)
+  ]
   assert 0.46 < np.mean(applied) < 0.54
 
 

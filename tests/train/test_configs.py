@@ -23,8 +23,9 @@ def test_configs_build_and_document_themselves(name, arg):
   assert 'Expected' in module.__doc__
 
 
-@pytest.mark.parametrize('name,paper_top1', [('vcmamba_s', '78.7'), ('vcmamba_m', '81.5'),
-                                             ('vcmamba_b', '82.6')])
+@pytest.mark.parametrize(
+  'name,paper_top1', [('vcmamba_s', '78.7'), ('vcmamba_m', '81.5'), ('vcmamba_b', '82.6')]
+)
 def test_paper_recipe(name, paper_top1):
   module = importlib.import_module(f'configs.{name}')
   assert paper_top1 in module.__doc__ and 'img/s' in module.__doc__
@@ -36,11 +37,20 @@ def test_paper_recipe(name, paper_top1):
   assert config.optimizer.weight_decay == 0.05 and config.optimizer.grad_clip_norm == 0
   s = config.schedule
   assert (s.warmup_epochs, s.warmup_lr, s.min_lr, s.decay_epochs, s.per_step) == (
-      5, 1e-6, 1e-5, 300, False)
+    5,
+    1e-6,
+    1e-5,
+    300,
+    False,
+  )
   assert config.num_epochs == 300 and config.global_batch_size == 1024
   a = config.aug
   assert (a.mixup_alpha, a.cutmix_alpha, a.mixup_switch_prob, a.label_smoothing) == (
-      0.8, 1.0, 0.5, 0.1)
+    0.8,
+    1.0,
+    0.5,
+    0.1,
+  )
   assert (a.random_erasing_prob, a.random_erasing_mode) == (0.25, 'pixel')
   d = config.data
   assert d.randaugment == 'rand-m9-mstd0.5-inc1' and d.repeated_aug == 3

@@ -14,14 +14,24 @@ from vcmamba_jax.train import steps, trainer
 
 
 def test_classification_sums_on_a_hand_built_batch():
-  logits = jnp.array([
-      [9., 1., 0., 0., 0., 0., 0.],  # label 0: top-1
-      [1., 9., 8., 7., 6., 5., 4.],  # label 6: rank 6 -> neither
-      [1., 9., 8., 7., 6., 5., 4.],  # label 5: rank 5 -> top-5 only
-      [5., 5., 0., 0., 0., 0., 0.],  # label 1: tie with class 0, lower index wins -> top-5 only
-      [0., 0., 0., 0., 0., 0., 9.],  # label 6: top-1, but padding (mask False)
-      [9., 0., 0., 0., 0., 0., 0.],  # label 3: padding
-  ])
+  logits = jnp.array(
+    [
+      [9.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 0: top-1
+      [1.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0],  # label 6: rank 6 -> neither
+      [1.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0],  # label 5: rank 5 -> top-5 only
+      [
+        5.0,
+        5.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+      ],  # label 1: tie with class 0, lower index wins -> top-5 only
+      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0],  # label 6: top-1, but padding (mask False)
+      [9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 3: padding
+    ]
+  )
   labels = jnp.array([0, 6, 5, 1, 6, 3])
   mask = jnp.array([True, True, True, True, False, False])
   sums = jax.device_get(steps.classification_sums(logits, labels, mask))
@@ -31,12 +41,28 @@ def test_classification_sums_on_a_hand_built_batch():
   expected_loss = -sum(log_softmax[i, int(labels[i])] for i in range(4))
   assert float(sums['loss_sum']) == pytest.approx(expected_loss, rel=1e-6)
 
-  summary = steps.summarize_eval({'num_examples': 4, 'skipped_records': 0,
-                                  '/top1_correct': 1, '/top5_correct': 3, '/loss_sum': 2.0,
-                                  'ema/top1_correct': 2, 'ema/top5_correct': 4,
-                                  'ema/loss_sum': 1.0})
-  assert summary == {'num_examples': 4, 'skipped_records': 0, 'top1': 0.25, 'top5': 0.75,
-                     'loss': 0.5, 'ema_top1': 0.5, 'ema_top5': 1.0, 'ema_loss': 0.25}
+  summary = steps.summarize_eval(
+    {
+      'num_examples': 4,
+      'skipped_records': 0,
+      '/top1_correct': 1,
+      '/top5_correct': 3,
+      '/loss_sum': 2.0,
+      'ema/top1_correct': 2,
+      'ema/top5_correct': 4,
+      'ema/loss_sum': 1.0,
+    }
+  )
+  assert summary == {
+    'num_examples': 4,
+    'skipped_records': 0,
+    'top1': 0.25,
+    'top5': 0.75,
+    'loss': 0.5,
+    'ema_top1': 0.5,
+    'ema_top5': 1.0,
+    'ema_loss': 0.25,
+  }
 
 
 def test_sharded_eval_over_a_padded_split_is_exact():
@@ -45,8 +71,9 @@ def test_sharded_eval_over_a_padded_split_is_exact():
   mesh = sharding_lib.create_mesh()
   assert mesh.devices.size == 8
   model = trainer.build_model(config)
-  variables = jax.jit(lambda: model.init({'params': jax.random.PRNGKey(3)},
-                                         jnp.zeros((1, 32, 32, 3))))()
+  variables = jax.jit(
+    lambda: model.init({'params': jax.random.PRNGKey(3)}, jnp.zeros((1, 32, 32, 3)))
+  )()
   shardings = sharding_lib.state_shardings(mesh, variables)
   eval_step = trainer.jit_eval_step(model, mesh, {'': shardings, 'ema': shardings})
   dataset = trainer.make_eval_dataset(config)

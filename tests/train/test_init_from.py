@@ -34,8 +34,10 @@ def _assert_fitted(weights, trained):
   assert loaded[('head', 'kernel')].shape == (64, 10)  # re-initialised for 10 classes
   assert loaded[('dist_head', 'bias')].shape == (10,)
   np.testing.assert_allclose(
-      loaded[('stage4', 'pos_embed')],
-      resize_pos_embed(source[('stage4', 'pos_embed')], (2, 2)), rtol=1e-6)
+    loaded[('stage4', 'pos_embed')],
+    resize_pos_embed(source[('stage4', 'pos_embed')], (2, 2)),
+    rtol=1e-6,
+  )
   for path, value in source.items():
     if path[0] not in ('head', 'dist_head') and path[-1] != 'pos_embed':
       np.testing.assert_array_equal(loaded[path], value, err_msg='/'.join(path))
@@ -45,8 +47,9 @@ def _assert_fitted(weights, trained):
 
 def test_from_our_checkpoint_with_ema(reference_run, trained, finetune_config):
   model = trainer.build_model(finetune_config)
-  weights, source = trainer.load_weights(reference_run, model, finetune_config, with_ema=True,
-                                         reinit_heads=True)
+  weights, source = trainer.load_weights(
+    reference_run, model, finetune_config, with_ema=True, reinit_heads=True
+  )
   assert set(weights) == {'', 'ema'} and 'checkpoint' in source
   _assert_fitted(weights[''], trained)
   _assert_fitted(weights['ema'], trained['ema'])
@@ -54,8 +57,9 @@ def test_from_our_checkpoint_with_ema(reference_run, trained, finetune_config):
 
 def test_from_an_exported_model_dir_and_a_pytorch_file(trained, finetune_config, tmp_path):
   variables = {'params': trained['params'], 'batch_stats': trained['batch_stats']}
-  exported = convert.save_pretrained(tmp_path / 'exported', variables, 'vcmamba_nano',
-                                     num_classes=1000, img_size=32)
+  exported = convert.save_pretrained(
+    tmp_path / 'exported', variables, 'vcmamba_nano', num_classes=1000, img_size=32
+  )
   npz = tmp_path / 'weights.npz'
   np.savez(npz, **convert.to_pytorch_state_dict(variables, 'vcmamba_nano'))
   model = trainer.build_model(finetune_config)
@@ -70,7 +74,8 @@ def test_pretrained_weights_replace_the_initial_state(reference_run, finetune_co
   model = trainer.build_model(finetune_config)
   tx = optim.create_optimizer(finetune_config, optim.learning_rate_schedule(finetune_config, 3))
   state, shardings = state_lib.create_train_state(
-      model, tx, jax.random.PRNGKey(0), mesh=mesh, image_size=64, use_ema=True)
+    model, tx, jax.random.PRNGKey(0), mesh=mesh, image_size=64, use_ema=True
+  )
   weights, _ = trainer.load_weights(reference_run, model, finetune_config, reinit_heads=True)
   state = state_lib.with_pretrained(state, shardings, weights[''])
   for tree in (state.params, state.ema['params']):

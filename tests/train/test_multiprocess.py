@@ -20,13 +20,19 @@ from vcmamba_jax.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-pytestmark = pytest.mark.skipif(not os.environ.get('VCMAMBA_MULTIPROCESS_TESTS'),
-                                reason='set VCMAMBA_MULTIPROCESS_TESTS=1 (slow)')
+pytestmark = pytest.mark.skipif(
+  not os.environ.get('VCMAMBA_MULTIPROCESS_TESTS'), reason='set VCMAMBA_MULTIPROCESS_TESTS=1 (slow)'
+)
 
 
-_FLAGS = ['--config=configs/digits.py:smoke', '--config.num_train_steps=6',
-          '--config.log_every_steps=1', '--config.checkpoint_every_steps=100',
-          '--config.global_batch_size=32', '--config.eval_batch_size=64']
+_FLAGS = [
+  '--config=configs/digits.py:smoke',
+  '--config.num_train_steps=6',
+  '--config.log_every_steps=1',
+  '--config.checkpoint_every_steps=100',
+  '--config.global_batch_size=32',
+  '--config.eval_batch_size=64',
+]
 
 
 def _free_port() -> int:
@@ -41,12 +47,23 @@ def _launch(workdir: str, extra: dict[int, list[str]] | None = None) -> list[str
   flags = [*_FLAGS, f'--workdir={workdir}']
   procs = []
   for process_id in (0, 1):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-               JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(process_id))
-    procs.append(subprocess.Popen(
-        [sys.executable, 'main.py', *flags, *(extra or {}).get(process_id, [])], cwd=REPO,
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    env = dict(
+      os.environ,
+      XLA_FLAGS='--xla_force_host_platform_device_count=4',
+      JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
+      JAX_NUM_PROCESSES='2',
+      JAX_PROCESS_ID=str(process_id),
+    )
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, 'main.py', *flags, *(extra or {}).get(process_id, [])],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   logs = [p.communicate(timeout=900)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
@@ -79,8 +96,14 @@ def test_two_hosts_train_like_one_host_with_the_same_devices(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   for key in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
     env.pop(key, None)
-  run = subprocess.run([sys.executable, 'main.py', *_FLAGS, f'--workdir={one_host}'], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=900)
+  run = subprocess.run(
+    [sys.executable, 'main.py', *_FLAGS, f'--workdir={one_host}'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
   single, double = _losses(one_host), _losses(two_hosts)
   assert sorted(single) == sorted(double) == list(range(1, 7))

@@ -33,7 +33,8 @@ class TimmCosineScheduler:
       self.lr = self.warmup_lr_init + t * self.warmup_steps
     elif t < self.t_initial:
       self.lr = self.lr_min + 0.5 * (self.base_lr - self.lr_min) * (
-          1 + math.cos(math.pi * t / self.t_initial))
+        1 + math.cos(math.pi * t / self.t_initial)
+      )
     else:
       self.lr = self.lr_min
 
@@ -83,8 +84,11 @@ def test_per_step_schedule_is_the_same_curve_without_the_epoch_delay():
   schedule, peak = _schedule(per_step=True)
   for step in (0, 3, 25, 49, 50, 51, 777, 1500, 2999):
     t = step / STEPS_PER_EPOCH
-    expected = (1e-6 + t * (peak - 1e-6) / 5 if t < 5
-                else 1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * t / 300)))
+    expected = (
+      1e-6 + t * (peak - 1e-6) / 5
+      if t < 5
+      else 1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * t / 300))
+    )
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-5), step
 
 
@@ -100,15 +104,18 @@ def _path_name(path) -> str:
 
 def test_adamw_decays_exactly_the_upstream_set():
   model = create_model('vcmamba_nano', num_classes=10, img_size=32)
-  params = jax.eval_shape(lambda: model.init({'params': jax.random.PRNGKey(0)},
-                                             jnp.zeros((1, 32, 32, 3))))['params']
+  params = jax.eval_shape(
+    lambda: model.init({'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 32, 32, 3)))
+  )['params']
   params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), params)
   config = vcmamba_b.get_config()
   tx = optim.create_optimizer(config, lambda count: 1.0)
   # Zero gradients: Adam's update is 0, so a parameter changes only through weight decay.
   updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-  decayed = {_path_name(p): bool(np.any(np.asarray(u) != 0))
-             for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+  decayed = {
+    _path_name(p): bool(np.any(np.asarray(u) != 0))
+    for p, u in jax.tree_util.tree_leaves_with_path(updates)
+  }
 
   def expect(fragment: str, value: bool) -> None:
     matches = {k: v for k, v in decayed.items() if fragment in k}
@@ -116,12 +123,19 @@ def test_adamw_decays_exactly_the_upstream_set():
     assert all(v == value for v in matches.values()), (fragment, matches)
 
   # Not decayed: biases, BatchNorm / LayerNorm affines, D (all 1-d upstream).
-  for fragment in ('/bias', 'norm/scale', 'norm1/scale', 'norm2/scale', 'mid_norm/scale',
-                   'in_norm/scale', 'out_norm/scale', 'mamba/D'):
+  for fragment in (
+    '/bias',
+    'norm/scale',
+    'norm1/scale',
+    'norm2/scale',
+    'mid_norm/scale',
+    'in_norm/scale',
+    'out_norm/scale',
+    'mamba/D',
+  ):
     expect(fragment, False)
   # Decayed (QUIRK 4): A_log, direction_Bs, layer_scale, pos_embed, and every kernel.
   for fragment in ('A_log', 'direction_Bs', 'layer_scale', 'pos_embed', 'kernel'):
     expect(fragment, True)
   # Decoupled decay, as torch AdamW: p <- p - lr * wd * p.
   assert np.allclose(updates['head']['kernel'], -config.optimizer.weight_decay)
-

@@ -22,16 +22,24 @@ def _setup(mesh, fsdp_min_size):
   schedule = optim.learning_rate_schedule(config, STEPS_PER_EPOCH)
   tx = optim.create_optimizer(config, schedule)
   state, shardings = state_lib.create_train_state(
-      model, tx, jax.random.PRNGKey(0), mesh=mesh, image_size=config.model.img_size,
-      use_ema=True, fsdp_min_size=fsdp_min_size)
+    model,
+    tx,
+    jax.random.PRNGKey(0),
+    mesh=mesh,
+    image_size=config.model.img_size,
+    use_ema=True,
+    fsdp_min_size=fsdp_min_size,
+  )
   return config, model, schedule, tx, state, shardings
 
 
 def _batch(seed=0):
   rng = np.random.default_rng(seed)
-  return {'image': rng.integers(0, 256, (GLOBAL_BATCH, 32, 32, 3), dtype=np.uint8),
-          'label': rng.integers(0, 1000, (GLOBAL_BATCH,)).astype(np.int32),
-          'num_skipped': np.zeros((GLOBAL_BATCH,), np.int32)}
+  return {
+    'image': rng.integers(0, 256, (GLOBAL_BATCH, 32, 32, 3), dtype=np.uint8),
+    'label': rng.integers(0, 1000, (GLOBAL_BATCH,)).astype(np.int32),
+    'num_skipped': np.zeros((GLOBAL_BATCH,), np.int32),
+  }
 
 
 def _specs(tree):
@@ -58,17 +66,18 @@ def test_fsdp_partition_spec_picks_the_largest_divisible_dim():
   assert spec((10, 7), 8) == P()  # nothing divisible: replicated
   assert spec((), 8) == P()
   assert spec((64, 1000), 1) == P()
-  assert spec((64, 1000), 8, min_size=10 ** 6) == P()  # too small to be worth it
+  assert spec((64, 1000), 8, min_size=10**6) == P()  # too small to be worth it
 
 
 def test_data_parallel_state_is_replicated_and_batch_split():
   mesh = sharding_lib.create_mesh()
-  *_, state, shardings = _setup(mesh, fsdp_min_size=2 ** 14)
+  *_, state, shardings = _setup(mesh, fsdp_min_size=2**14)
   for tree in (state.params, state.batch_stats, state.opt_state, state.ema, state.step):
     assert all(spec == P() for spec in _specs(tree))
   assert jax.tree.leaves(state.params)[0].sharding.mesh == mesh
   assert jax.tree.map(lambda s: s.spec, shardings.params) == jax.tree.map(
-      lambda x: x.sharding.spec, state.params)
+    lambda x: x.sharding.spec, state.params
+  )
   batch = sharding_lib.make_global_batch(mesh, _batch())
   for value in batch.values():
     assert value.sharding.spec == P(('data', 'fsdp'))
@@ -93,9 +102,9 @@ def test_fsdp_shards_params_optimizer_state_and_ema_alike():
 
 def test_fsdp_min_size_keeps_small_arrays_replicated():
   mesh = sharding_lib.create_mesh(fsdp=8)
-  *_, state, _ = _setup(mesh, fsdp_min_size=2 ** 14)
+  *_, state, _ = _setup(mesh, fsdp_min_size=2**14)
   for leaf in jax.tree.leaves(state.params):
-    expected = P() if leaf.size < 2 ** 14 else sharding_lib.fsdp_partition_spec(leaf.shape, 8)
+    expected = P() if leaf.size < 2**14 else sharding_lib.fsdp_partition_spec(leaf.shape, 8)
     assert leaf.sharding.spec == expected
 
 
@@ -107,24 +116,31 @@ def _one_step(mesh, fsdp_min_size):
 
 
 def test_one_step_on_8_devices_equals_one_step_on_1_device():
-  reference_state, reference = _one_step(sharding_lib.create_mesh(devices=jax.devices()[:1]),
-                                         fsdp_min_size=0)
+  reference_state, reference = _one_step(
+    sharding_lib.create_mesh(devices=jax.devices()[:1]), fsdp_min_size=0
+  )
   mu_ref = reference_state.opt_state[0].mu
   grad_scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(mu_ref))  # 0.1 * max|g|
-  for mesh, fsdp_min_size in ((sharding_lib.create_mesh(), 2 ** 14),
-                              (sharding_lib.create_mesh(fsdp=2), 0)):
+  for mesh, fsdp_min_size in (
+    (sharding_lib.create_mesh(), 2**14),
+    (sharding_lib.create_mesh(fsdp=2), 0),
+  ):
     state, metrics = _one_step(mesh, fsdp_min_size)
     # Same loss: the augmentation randomness and the BatchNorm statistics are global.
     np.testing.assert_allclose(metrics['loss'], reference['loss'], rtol=1e-5)
     np.testing.assert_allclose(metrics['grad_norm'], reference['grad_norm'], rtol=1e-5)
-    for new, ref in zip(jax.tree.leaves(state.batch_stats),
-                        jax.tree.leaves(reference_state.batch_stats)):
+    for new, ref in zip(
+      jax.tree.leaves(state.batch_stats), jax.tree.leaves(reference_state.batch_stats)
+    ):
       np.testing.assert_allclose(new, ref, rtol=1e-5, atol=1e-5)
     for new, ref in zip(jax.tree.leaves(state.opt_state[0].mu), jax.tree.leaves(mu_ref)):
       np.testing.assert_allclose(new, ref, rtol=0, atol=1e-4 * grad_scale)
     # Adam's first update is lr * g / (|g| + eps): ~ +-lr whatever |g| is, so entries whose true
     # gradient is 0 (biases before a BatchNorm) move by +-lr on float noise. Compare the others.
-    for new, ref, mu in zip(jax.tree.leaves(state.params),
-                            jax.tree.leaves(reference_state.params), jax.tree.leaves(mu_ref)):
+    for new, ref, mu in zip(
+      jax.tree.leaves(state.params),
+      jax.tree.leaves(reference_state.params),
+      jax.tree.leaves(mu_ref),
+    ):
       determined = np.abs(mu) > 1e-3 * grad_scale
       np.testing.assert_allclose(new[determined], ref[determined], rtol=0, atol=1e-6)

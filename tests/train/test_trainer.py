@@ -37,13 +37,21 @@ def test_smoke_run_on_8_devices_learns(reference_run):
   assert losses[0] > 6.0
   assert np.mean(losses[-3:]) < losses[0] - 1.0, losses
   last = rows[NUM_TRAIN_STEPS]
-  for key in ('train/lr', 'train/grad_norm', 'train/param_norm', 'train/img_per_sec',
-              'train/img_per_sec_per_device', 'train/step_time', 'train/skipped_records'):
+  for key in (
+    'train/lr',
+    'train/grad_norm',
+    'train/param_norm',
+    'train/img_per_sec',
+    'train/img_per_sec_per_device',
+    'train/step_time',
+    'train/skipped_records',
+  ):
     assert key in last and math.isfinite(last[key]), key
   # The fake ImageNet holds 2 undecodable JPEGs; the pipeline skips and counts them.
   assert sum(rows[s]['train/skipped_records'] for s in rows) >= 1
-  assert sorted(checkpoint.create_manager(reference_run, max_to_keep=3,
-                                          read_only=True).all_steps()) == [4, 8]
+  assert sorted(
+    checkpoint.create_manager(reference_run, max_to_keep=3, read_only=True).all_steps()
+  ) == [4, 8]
   evaluation = _eval_row(reference_run)
   assert evaluation['step'] == NUM_TRAIN_STEPS and evaluation['eval/num_examples'] == 20
   expected_keys = {'eval/top1', 'eval/top5', 'eval/loss', 'eval/ema_top1', 'eval/ema_loss'}
@@ -73,10 +81,22 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, imagene
 
 def test_eval_mode_on_a_checkpoint_from_the_command_line(reference_run, imagenet_dir):
   result = subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/vcmamba_s.py:smoke',
-       f'--workdir={reference_run}', '--config.mode=eval', '--config.data.dataset=imagenet2012',
-       f'--config.data.data_dir={imagenet_dir}', '--config.model.num_classes=1000'],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    [
+      sys.executable,
+      'main.py',
+      '--config=configs/vcmamba_s.py:smoke',
+      f'--workdir={reference_run}',
+      '--config.mode=eval',
+      '--config.data.dataset=imagenet2012',
+      f'--config.data.data_dir={imagenet_dir}',
+      '--config.model.num_classes=1000',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [row for row in read_metrics(reference_run) if 'eval/source' in row]
   assert rows, result.stderr[-3000:]
@@ -88,9 +108,19 @@ def test_eval_mode_on_a_checkpoint_from_the_command_line(reference_run, imagenet
 
 def test_unknown_config_key_is_an_error(tmp_path):
   result = subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/digits.py', f'--workdir={tmp_path}',
-       '--config.optimizer.learning_rate=1.0'],
-      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    [
+      sys.executable,
+      'main.py',
+      '--config=configs/digits.py',
+      f'--workdir={tmp_path}',
+      '--config.optimizer.learning_rate=1.0',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode != 0
   assert 'learning_rate' in result.stderr
   assert not os.listdir(tmp_path)
@@ -100,8 +130,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(imagenet_dir,
   # Metrics are checked every 4 steps here: the NaN of step 6 is found at step 8.
   config = smoke_config(imagenet_dir, **{'debug.nan_at_step': 6, 'log_every_steps': 4})
   workdir = str(tmp_path)
-  with pytest.raises(train.TrainingDivergedError,
-                     match=r'loss became nan between steps 5 and 8 \(first at step 6'):
+  with pytest.raises(
+    train.TrainingDivergedError, match=r'loss became nan between steps 5 and 8 \(first at step 6'
+  ):
     train.run(config, workdir)
   manager = checkpoint.create_manager(workdir, max_to_keep=3, read_only=True)
   assert manager.all_steps() == [4]  # step 8 (after the NaN) was never written
@@ -111,8 +142,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(imagenet_dir,
 
 
 def test_skip_nonfinite_updates_continues(imagenet_dir, tmp_path):
-  config = smoke_config(imagenet_dir, **{'debug.nan_at_step': 6,
-                                         'skip_nonfinite_updates': True})
+  config = smoke_config(imagenet_dir, **{'debug.nan_at_step': 6, 'skip_nonfinite_updates': True})
   workdir = str(tmp_path)
   result = train.run(config, workdir)
   rows = _train_rows(workdir)

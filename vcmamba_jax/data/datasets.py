@@ -38,8 +38,9 @@ IMAGENET_TRAIN_TAR = 'ILSVRC2012_img_train.tar'
 IMAGENET_VAL_TAR = 'ILSVRC2012_img_val.tar'
 _ARRAY_RECORD = 'array_record'
 _PREPARE_IMAGENET_HINT = (
-    'python scripts/prepare_imagenet.py --manual_dir=DIR_WITH_ILSVRC2012_TARS --data_dir={data_dir}'
-    '  (or `--fake` to try the pipeline on a small synthetic ImageNet)')
+  'python scripts/prepare_imagenet.py --manual_dir=DIR_WITH_ILSVRC2012_TARS --data_dir={data_dir}'
+  '  (or `--fake` to try the pipeline on a small synthetic ImageNet)'
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,16 +66,19 @@ class VcmambaDigits(tfds.core.GeneratorBasedBuilder):
     # `DatasetInfo(builder=self)` rather than `dataset_info_from_configs`, which looks for
     # metadata files next to the module.
     return tfds.core.DatasetInfo(
-        builder=self,
-        description='Real 8x8 handwritten digits (scikit-learn load_digits) as 32x32 RGB PNGs.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(self.IMAGE_SIZE, self.IMAGE_SIZE, 3), encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://scikit-learn.org/stable/modules/generated/'
-                 'sklearn.datasets.load_digits.html',
+      builder=self,
+      description='Real 8x8 handwritten digits (scikit-learn load_digits) as 32x32 RGB PNGs.',
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(
+            shape=(self.IMAGE_SIZE, self.IMAGE_SIZE, 3), encoding_format='png'
+          ),
+          'label': tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://scikit-learn.org/stable/modules/generated/'
+      'sklearn.datasets.load_digits.html',
     )
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
@@ -85,20 +89,23 @@ class VcmambaDigits(tfds.core.GeneratorBasedBuilder):
     digits = load_digits()
     indices = np.arange(len(digits.target))
     train_idx, val_idx = train_test_split(
-        indices, test_size=self.NUM_VALIDATION, stratify=digits.target,
-        random_state=self.SPLIT_SEED)
+      indices, test_size=self.NUM_VALIDATION, stratify=digits.target, random_state=self.SPLIT_SEED
+    )
     return {
-        'train': self._generate_examples(digits.images, digits.target, np.sort(train_idx)),
-        'validation': self._generate_examples(digits.images, digits.target, np.sort(val_idx)),
+      'train': self._generate_examples(digits.images, digits.target, np.sort(train_idx)),
+      'validation': self._generate_examples(digits.images, digits.target, np.sort(val_idx)),
     }
 
   def _generate_examples(
-      self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
+    self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
   ) -> Iterator[tuple[int, dict[str, Any]]]:
     for index in indices:
       grey = np.rint(images[index] * (255.0 / 16.0)).astype(np.uint8)
-      img = Image.fromarray(grey, mode='L').resize(
-          (self.IMAGE_SIZE, self.IMAGE_SIZE), Image.Resampling.BICUBIC).convert('RGB')
+      img = (
+        Image.fromarray(grey, mode='L')
+        .resize((self.IMAGE_SIZE, self.IMAGE_SIZE), Image.Resampling.BICUBIC)
+        .convert('RGB')
+      )
       buffer = io.BytesIO()
       img.save(buffer, format='PNG')
       # Encoded bytes: encoding a numpy array would need TensorFlow.
@@ -118,8 +125,9 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _builder(name: str, data_dir: str | os.PathLike | None) -> tfds.core.DatasetBuilder:
-  return tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir),
-                      file_format=_ARRAY_RECORD)
+  return tfds.builder(
+    name, data_dir=None if data_dir is None else os.fspath(data_dir), file_format=_ARRAY_RECORD
+  )
 
 
 def prepare_digits(data_dir: str | os.PathLike | None = None) -> Path:
@@ -140,11 +148,11 @@ def prepare_digits(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def get_source(
-    name: str,
-    split: str,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    decode_images: bool = False,
+  name: str,
+  split: str,
+  data_dir: str | os.PathLike | None = None,
+  *,
+  decode_images: bool = False,
 ) -> Sequence[dict[str, Any]]:
   """Random-access ArrayRecord source of a prepared TFDS dataset.
 
@@ -165,22 +173,30 @@ def get_source(
     where = data_dir if data_dir is not None else builder.data_dir
     if name == IMAGENET:
       raise FileNotFoundError(
-          f'TFDS dataset {name!r} is not prepared in data_dir={where}. Build it from the official '
-          f'tars with:\n  {_PREPARE_IMAGENET_HINT.format(data_dir=data_dir or "DATA_DIR")}')
+        f'TFDS dataset {name!r} is not prepared in data_dir={where}. Build it from the official '
+        f'tars with:\n  {_PREPARE_IMAGENET_HINT.format(data_dir=data_dir or "DATA_DIR")}'
+      )
     raise FileNotFoundError(
-        f'TFDS dataset {name!r} is not prepared in data_dir={where}. Prepare it in ArrayRecord '
-        f'format first, e.g. `tfds build {name} --data_dir=... --file_format=array_record`.')
+      f'TFDS dataset {name!r} is not prepared in data_dir={where}. Prepare it in ArrayRecord '
+      f'format first, e.g. `tfds build {name} --data_dir=... --file_format=array_record`.'
+    )
   formats = {str(getattr(f, 'value', f)) for f in builder.info.available_file_formats()}
   if _ARRAY_RECORD not in formats:
     raise ValueError(
-        f'TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}, but grain '
-        'needs random access (array_record). Convert it with `tfds convert_format '
-        f'--dataset_version_dir={builder.data_dir} --out_file_format=array_record` or re-prepare '
-        'it with file_format=array_record.')
+      f'TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}, but grain '
+      'needs random access (array_record). Convert it with `tfds convert_format '
+      f'--dataset_version_dir={builder.data_dir} --out_file_format=array_record` or re-prepare '
+      'it with file_format=array_record.'
+    )
   decoders = None if decode_images else {'image': tfds.decode.SkipDecoding()}
   return tfds.data_source(
-      name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
-      download=False, decoders=decoders, builder_kwargs={'file_format': _ARRAY_RECORD})
+    name,
+    split=split,
+    data_dir=None if data_dir is None else os.fspath(data_dir),
+    download=False,
+    decoders=decoders,
+    builder_kwargs={'file_format': _ARRAY_RECORD},
+  )
 
 
 def get_num_classes(name: str, data_dir: str | os.PathLike | None = None) -> int:
@@ -212,14 +228,16 @@ def _gfile_open(path: str | os.PathLike, mode: str = 'r') -> Any:
 
 def _gfile_stand_in() -> types.SimpleNamespace:
   """The few `tf.*` calls the imagenet2012 builder and the TFDS tar extractor make."""
-  gfile = types.SimpleNamespace(exists=lambda path: os.path.exists(os.fspath(path)),
-                                GFile=_gfile_open)
+  gfile = types.SimpleNamespace(
+    exists=lambda path: os.path.exists(os.fspath(path)), GFile=_gfile_open
+  )
 
   def as_text(value: str | bytes) -> str:
     return value.decode('utf-8') if isinstance(value, bytes) else value
 
-  return types.SimpleNamespace(io=types.SimpleNamespace(gfile=gfile),
-                               compat=types.SimpleNamespace(as_text=as_text))
+  return types.SimpleNamespace(
+    io=types.SimpleNamespace(gfile=gfile), compat=types.SimpleNamespace(as_text=as_text)
+  )
 
 
 @contextlib.contextmanager
@@ -236,15 +254,19 @@ def tfds_imagenet_without_tensorflow() -> Iterator[None]:
   from tensorflow_datasets.core import utils as tfds_utils
   from tensorflow_datasets.core.download import extractor
   from tensorflow_datasets.datasets.imagenet2012 import (
-      imagenet2012_dataset_builder,
-      imagenet_common,
+    imagenet2012_dataset_builder,
+    imagenet_common,
   )
 
   stand_in = _gfile_stand_in()
-  patches = [(module, 'tf', stand_in)
-             for module in (imagenet2012_dataset_builder, imagenet_common, extractor)]
-  patches += [(tfds_utils, 'jpeg_cmyk_to_rgb', _pil_jpeg_cmyk_to_rgb),
-              (tfds_utils, 'png_to_jpeg', _pil_png_to_jpeg)]
+  patches = [
+    (module, 'tf', stand_in)
+    for module in (imagenet2012_dataset_builder, imagenet_common, extractor)
+  ]
+  patches += [
+    (tfds_utils, 'jpeg_cmyk_to_rgb', _pil_jpeg_cmyk_to_rgb),
+    (tfds_utils, 'png_to_jpeg', _pil_png_to_jpeg),
+  ]
   saved = [(module, attr, getattr(module, attr)) for module, attr, _ in patches]
   try:
     for module, attr, value in patches:
@@ -256,8 +278,8 @@ def tfds_imagenet_without_tensorflow() -> Iterator[None]:
 
 
 def prepare_imagenet2012(
-    manual_dir: str | os.PathLike,
-    data_dir: str | os.PathLike | None = None,
+  manual_dir: str | os.PathLike,
+  data_dir: str | os.PathLike | None = None,
 ) -> Path:
   """Builds TFDS `imagenet2012` (ArrayRecord) from the official ILSVRC2012 tars.
 
@@ -273,16 +295,18 @@ def prepare_imagenet2012(
   missing = [f for f in (IMAGENET_TRAIN_TAR, IMAGENET_VAL_TAR) if not (manual_dir / f).is_file()]
   if missing:
     raise FileNotFoundError(
-        f'{manual_dir} lacks {missing}. Download the ILSVRC2012 training and validation tars from '
-        'https://image-net.org/download-images (free registration) into that directory, or '
-        'write a synthetic one with `python scripts/prepare_imagenet.py --fake`.')
+      f'{manual_dir} lacks {missing}. Download the ILSVRC2012 training and validation tars from '
+      'https://image-net.org/download-images (free registration) into that directory, or '
+      'write a synthetic one with `python scripts/prepare_imagenet.py --fake`.'
+    )
   with tfds_imagenet_without_tensorflow():
     builder = _builder(IMAGENET, data_dir)
     if builder.is_prepared():
       logging.info('%s is already prepared in %s', IMAGENET, builder.data_dir)
     else:
       builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+      )
   return Path(builder.data_dir)
 
 
@@ -297,8 +321,9 @@ _SPECIAL_FILES = {'n01739381': 'n01739381_1309.JPEG', 'n02105855': 'n02105855_29
 @dataclasses.dataclass(frozen=True)
 class FakeImagenet:
   """What `write_fake_imagenet_manual_dir` wrote."""
+
   manual_dir: Path
-  synsets: tuple[str, ...]       # train classes (synset ids)
+  synsets: tuple[str, ...]  # train classes (synset ids)
   num_train: int
   num_val: int
   corrupt_files: tuple[str, ...]  # train file names whose bytes do not decode
@@ -322,7 +347,7 @@ def _encode(img: Image.Image, fmt: str = 'JPEG') -> bytes:
 def _corrupt(data: bytes, kind: int, rng: np.random.Generator) -> bytes:
   # Kind 0: a truncated JPEG (header parses, decoding fails); kind 1: JPEG magic + garbage.
   if kind == 0:
-    return data[:max(64, len(data) // 3)]
+    return data[: max(64, len(data) // 3)]
   return b'\xff\xd8\xff\xe0' + rng.integers(0, 256, size=512, dtype=np.uint8).tobytes()
 
 
@@ -333,16 +358,16 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_fake_imagenet_manual_dir(
-    path: str | os.PathLike,
-    *,
-    num_classes: int = 10,
-    images_per_class: int = 10,
-    num_val: int = 20,
-    seed: int = 0,
-    image_size: tuple[int, int] = (48, 128),
-    corrupt_train: int = 0,
-    grey_fraction: float = 0.1,
-    special_images: bool = False,
+  path: str | os.PathLike,
+  *,
+  num_classes: int = 10,
+  images_per_class: int = 10,
+  num_val: int = 20,
+  seed: int = 0,
+  image_size: tuple[int, int] = (48, 128),
+  corrupt_train: int = 0,
+  grey_fraction: float = 0.1,
+  special_images: bool = False,
 ) -> FakeImagenet:
   """Writes a synthetic ImageNet manual_dir with the official tar layout.
 
@@ -396,8 +421,7 @@ def write_fake_imagenet_manual_dir(
           img = _random_photo(rng, width, height, grey=rng.random() < grey_fraction)
           if special_images and i == 0 and synset in _SPECIAL_FILES:
             name = _SPECIAL_FILES[synset]
-            data = (_encode(img.convert('CMYK')) if synset == 'n01739381'
-                    else _encode(img, 'PNG'))
+            data = _encode(img.convert('CMYK')) if synset == 'n01739381' else _encode(img, 'PNG')
           else:
             data = _encode(img)
           if position in corrupt:
@@ -412,5 +436,10 @@ def write_fake_imagenet_manual_dir(
       width, height = sample_size()
       img = _random_photo(rng, width, height, grey=rng.random() < grey_fraction)
       _add_bytes(val_tar, f'ILSVRC2012_val_{i:08d}.JPEG', _encode(img))
-  return FakeImagenet(manual_dir=manual_dir, synsets=tuple(synsets), num_train=num_train,
-                      num_val=num_val, corrupt_files=tuple(corrupt_files))
+  return FakeImagenet(
+    manual_dir=manual_dir,
+    synsets=tuple(synsets),
+    num_train=num_train,
+    num_val=num_val,
+    corrupt_files=tuple(corrupt_files),
+  )

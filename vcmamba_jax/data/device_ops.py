@@ -19,10 +19,10 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 def normalize(
-    images: jax.Array,
-    dtype: jnp.dtype = jnp.float32,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+  images: jax.Array,
+  dtype: jnp.dtype = jnp.float32,
+  mean: Sequence[float] = IMAGENET_MEAN,
+  std: Sequence[float] = IMAGENET_STD,
 ) -> jax.Array:
   """uint8 [..., H, W, 3] in 0..255 -> (x / 255 - mean) / std as `dtype` (computed in float32)."""
   scale = jnp.asarray([1.0 / (255.0 * s) for s in std], jnp.float32)
@@ -31,7 +31,7 @@ def normalize(
 
 
 def one_hot_smoothed(
-    labels: jax.Array, num_classes: int, smoothing: float = 0.0, dtype: jnp.dtype = jnp.float32
+  labels: jax.Array, num_classes: int, smoothing: float = 0.0, dtype: jnp.dtype = jnp.float32
 ) -> jax.Array:
   """int [B] -> [B, num_classes]: off = smoothing / K, on = 1 - smoothing + off (rows sum to 1)."""
   off = smoothing / num_classes
@@ -40,16 +40,16 @@ def one_hot_smoothed(
 
 
 def random_erasing(
-    rng: jax.Array,
-    images: jax.Array,
-    *,
-    prob: float = 0.25,
-    min_area: float = 0.02,
-    max_area: float = 1.0 / 3.0,
-    min_aspect: float = 0.3,
-    max_aspect: float | None = None,
-    mode: str = 'pixel',
-    max_attempts: int = 10,
+  rng: jax.Array,
+  images: jax.Array,
+  *,
+  prob: float = 0.25,
+  min_area: float = 0.02,
+  max_area: float = 1.0 / 3.0,
+  min_aspect: float = 0.3,
+  max_aspect: float | None = None,
+  mode: str = 'pixel',
+  max_attempts: int = 10,
 ) -> jax.Array:
   """timm `RandomErasing` (one box per image), per example and vectorised over the batch.
 
@@ -74,8 +74,11 @@ def random_erasing(
   apply = jax.random.uniform(keys[0], (batch,)) < prob
   area = jax.random.uniform(keys[1], (batch, max_attempts), minval=min_area, maxval=max_area)
   area = area * (height * width)
-  aspect = jnp.exp(jax.random.uniform(
-      keys[2], (batch, max_attempts), minval=math.log(min_aspect), maxval=math.log(max_aspect)))
+  aspect = jnp.exp(
+    jax.random.uniform(
+      keys[2], (batch, max_attempts), minval=math.log(min_aspect), maxval=math.log(max_aspect)
+    )
+  )
   box_h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
   box_w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
   fits = (box_h < height) & (box_w < width)
@@ -87,8 +90,12 @@ def random_erasing(
   left = jax.random.randint(keys[4], (batch,), 0, jnp.maximum(width - box_w + 1, 1))
   rows = jnp.arange(height)[None, :, None]
   cols = jnp.arange(width)[None, None, :]
-  inside = ((rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None])
-            & (cols >= left[:, None, None]) & (cols < (left + box_w)[:, None, None]))
+  inside = (
+    (rows >= top[:, None, None])
+    & (rows < (top + box_h)[:, None, None])
+    & (cols >= left[:, None, None])
+    & (cols < (left + box_w)[:, None, None])
+  )
   erase = inside & apply[:, None, None]
   if mode == 'pixel':
     fill = jax.random.normal(keys[5], images.shape, images.dtype)
@@ -100,17 +107,17 @@ def random_erasing(
 
 
 def mixup_cutmix(
-    rng: jax.Array,
-    images: jax.Array,
-    labels: jax.Array,
-    *,
-    num_classes: int,
-    mixup_alpha: float = 0.8,
-    cutmix_alpha: float = 1.0,
-    switch_prob: float = 0.5,
-    prob: float = 1.0,
-    label_smoothing: float = 0.1,
-    correct_lam: bool = True,
+  rng: jax.Array,
+  images: jax.Array,
+  labels: jax.Array,
+  *,
+  num_classes: int,
+  mixup_alpha: float = 0.8,
+  cutmix_alpha: float = 1.0,
+  switch_prob: float = 0.5,
+  prob: float = 1.0,
+  label_smoothing: float = 0.1,
+  correct_lam: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """timm `Mixup` in 'batch' mode: one lambda for the batch, partner = the batch flipped.
 

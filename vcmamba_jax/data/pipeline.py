@@ -71,11 +71,11 @@ import numpy as np
 from absl import flags, logging
 
 from vcmamba_jax.data.transforms import (
-    DEFAULT_CROP_PCT,
-    DEFAULT_RANDAUGMENT,
-    EvalTransform,
-    ImageDecodeError,
-    TrainTransform,
+  DEFAULT_CROP_PCT,
+  DEFAULT_RANDAUGMENT,
+  EvalTransform,
+  ImageDecodeError,
+  TrainTransform,
 )
 
 # Fields of a batch that are not model inputs.
@@ -110,9 +110,10 @@ def train_steps_per_epoch(num_records: int, global_batch_size: int, repeated_aug
   steps = samples_per_epoch(num_records, repeated_aug) // global_batch_size
   if steps < 1:
     raise ValueError(
-        f'global_batch_size={global_batch_size} is larger than one epoch '
-        f'({samples_per_epoch(num_records, repeated_aug)} samples of {num_records} records); '
-        'use a smaller batch or a larger split')
+      f'global_batch_size={global_batch_size} is larger than one epoch '
+      f'({samples_per_epoch(num_records, repeated_aug)} samples of {num_records} records); '
+      'use a smaller batch or a larger split'
+    )
   return steps
 
 
@@ -129,8 +130,9 @@ def _ceil_div(numerator: int, denominator: int) -> int:
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
-        f'global_batch_size={global_batch_size} must be a positive multiple of the number of '
-        f'processes ({process_count}); every process loads global_batch_size / process_count')
+      f'global_batch_size={global_batch_size} must be a positive multiple of the number of '
+      f'processes ({process_count}); every process loads global_batch_size / process_count'
+    )
   return global_batch_size // process_count
 
 
@@ -173,9 +175,17 @@ class _RepeatedAugSampler(grain.MapDataset):
 
   _MUTATES_ELEMENT_SPEC = True
 
-  def __init__(self, *, num_records: int, seed: int, repeated_aug: int,
-               positions_per_epoch: int, local_batch: int, process_index: int,
-               process_count: int):
+  def __init__(
+    self,
+    *,
+    num_records: int,
+    seed: int,
+    repeated_aug: int,
+    positions_per_epoch: int,
+    local_batch: int,
+    process_index: int,
+    process_count: int,
+  ):
     super().__init__()
     self._num_records = num_records
     self._seed = seed
@@ -201,9 +211,11 @@ class _RepeatedAugSampler(grain.MapDataset):
     return _INFINITE // self._local_batch
 
   def __str__(self) -> str:
-    return (f'RepeatedAugSampler(seed={self._seed}, repeats={self._repeated_aug}, '
-            f'positions_per_epoch={self._positions_per_epoch}, '
-            f'process={self._process_index}/{self._process_count})')
+    return (
+      f'RepeatedAugSampler(seed={self._seed}, repeats={self._repeated_aug}, '
+      f'positions_per_epoch={self._positions_per_epoch}, '
+      f'process={self._process_index}/{self._process_count})'
+    )
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The record order of `epoch` (int64 [N]); cached for the two most recent epochs."""
@@ -222,8 +234,11 @@ class _RepeatedAugSampler(grain.MapDataset):
       return self.slice(index)
     with self._stats.record_self_time():
       global_batch = self._local_batch * self._process_count
-      positions = (index * global_batch + self._process_index * self._local_batch
-                   + np.arange(self._local_batch, dtype=np.int64))
+      positions = (
+        index * global_batch
+        + self._process_index * self._local_batch
+        + np.arange(self._local_batch, dtype=np.int64)
+      )
       epochs, offsets = np.divmod(positions, self._positions_per_epoch)
       records = np.empty_like(positions)
       for epoch in np.unique(epochs):  # a batch spans at most two epochs
@@ -248,15 +263,21 @@ class TrainBatchBuilder:
   batch stays full and remains a pure function of (seed, step). Picklable.
   """
 
-  def __init__(self, source: Sequence[dict[str, Any]], transform: TrainTransform, seed: int,
-               max_substitutes: int = 16):
+  def __init__(
+    self,
+    source: Sequence[dict[str, Any]],
+    transform: TrainTransform,
+    seed: int,
+    max_substitutes: int = 16,
+  ):
     self.source = source
     self.transform = transform
     self.seed = seed
     self.max_substitutes = max_substitutes
 
-  def _example(self, position: int, record_index: int,
-               record: dict[str, Any]) -> tuple[np.ndarray, int, int, int]:
+  def _example(
+    self, position: int, record_index: int, record: dict[str, Any]
+  ) -> tuple[np.ndarray, int, int, int]:
     """(image, label, record index used, records skipped) for one stream position."""
     substitutes = None
     for attempt in range(self.max_substitutes + 1):
@@ -265,24 +286,29 @@ class TrainBatchBuilder:
         image = self.transform(record['image'], np.random.default_rng(key))
         return image, int(record['label']), record_index, attempt
       except ImageDecodeError as e:
-        logging.warning('Skipping undecodable record %d (stream position %d): %s',
-                        record_index, position, e)
+        logging.warning(
+          'Skipping undecodable record %d (stream position %d): %s', record_index, position, e
+        )
       if substitutes is None:
         substitutes = np.random.default_rng((self.seed, _SUBSTITUTE_STREAM, position))
       record_index = int(substitutes.integers(len(self.source)))
       record = self.source[record_index]
     raise RuntimeError(
-        f'{self.max_substitutes + 1} records in a row failed to decode at stream position '
-        f'{position}; the dataset looks broadly corrupt. Rebuild it (scripts/prepare_imagenet.py) '
-        'or check the storage it is read from.')
+      f'{self.max_substitutes + 1} records in a row failed to decode at stream position '
+      f'{position}; the dataset looks broadly corrupt. Rebuild it (scripts/prepare_imagenet.py) '
+      'or check the storage it is read from.'
+    )
 
   def __call__(self, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     positions, records = element['positions'], element['records']
     size = len(positions)
     side = self.transform.image_size
-    batch = {'image': np.empty((size, side, side, 3), np.uint8),
-             'label': np.empty((size,), np.int32), 'index': np.empty((size,), np.int32),
-             'num_skipped': np.empty((size,), np.int32)}
+    batch = {
+      'image': np.empty((size, side, side, 3), np.uint8),
+      'label': np.empty((size,), np.int32),
+      'index': np.empty((size,), np.int32),
+      'num_skipped': np.empty((size,), np.int32),
+    }
     for row, record in enumerate(_read(self.source, records.tolist())):
       image, label, index, skipped = self._example(int(positions[row]), int(records[row]), record)
       batch['image'][row] = image
@@ -303,29 +329,33 @@ def _close_at_exit(iterator: grain.DatasetIterator) -> grain.DatasetIterator:
   return iterator
 
 
-def _maybe_mp_prefetch(ds: grain.IterDataset, num_workers: int,
-                       worker_buffer_size: int) -> grain.IterDataset:
+def _maybe_mp_prefetch(
+  ds: grain.IterDataset, num_workers: int, worker_buffer_size: int
+) -> grain.IterDataset:
   if num_workers > 0:
     _ensure_absl_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=worker_buffer_size))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=worker_buffer_size
+      )
+    )
   return ds
 
 
 def create_train_dataset(
-    *,
-    source: Sequence[dict[str, Any]],
-    global_batch_size: int,
-    image_size: int = 224,
-    seed: int = 0,
-    repeated_aug: int = 3,
-    randaugment: str | None = DEFAULT_RANDAUGMENT,
-    num_workers: int = 0,
-    num_threads: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    prefetch_batches: int = 2,
-    transform: TrainTransform | None = None,
+  *,
+  source: Sequence[dict[str, Any]],
+  global_batch_size: int,
+  image_size: int = 224,
+  seed: int = 0,
+  repeated_aug: int = 3,
+  randaugment: str | None = DEFAULT_RANDAUGMENT,
+  num_workers: int = 0,
+  num_threads: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  prefetch_batches: int = 2,
+  transform: TrainTransform | None = None,
 ) -> grain.IterDataset:
   """The training pipeline as a grain `IterDataset` over an already opened `source`.
 
@@ -348,31 +378,39 @@ def create_train_dataset(
   # (worker w builds batches w, w + W, ... and grain interleaves them back in order), and only
   # one ready batch per step crosses the process boundary (through shared memory).
   ds = _RepeatedAugSampler(
-      num_records=num_records, seed=seed, repeated_aug=repeated_aug,
-      positions_per_epoch=steps * global_batch_size, local_batch=local_batch,
-      process_index=process_index, process_count=process_count)
+    num_records=num_records,
+    seed=seed,
+    repeated_aug=repeated_aug,
+    positions_per_epoch=steps * global_batch_size,
+    local_batch=local_batch,
+    process_index=process_index,
+    process_count=process_count,
+  )
   ds = ds.map(TrainBatchBuilder(source, transform, seed))
-  ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads)))
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads)
+    )
+  )
   ds = _maybe_mp_prefetch(ds, num_workers, worker_buffer_size=max(1, prefetch_batches))
   return ds
 
 
 def create_train_iterator(
-    *,
-    dataset: str,
-    split: str = 'train',
-    data_dir: str | os.PathLike | None = None,
-    global_batch_size: int,
-    image_size: int = 224,
-    seed: int = 0,
-    repeated_aug: int = 3,
-    randaugment: str | None = DEFAULT_RANDAUGMENT,
-    num_workers: int = 0,
-    num_threads: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    prefetch_batches: int = 2,
+  *,
+  dataset: str,
+  split: str = 'train',
+  data_dir: str | os.PathLike | None = None,
+  global_batch_size: int,
+  image_size: int = 224,
+  seed: int = 0,
+  repeated_aug: int = 3,
+  randaugment: str | None = DEFAULT_RANDAUGMENT,
+  num_workers: int = 0,
+  num_threads: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  prefetch_batches: int = 2,
 ) -> grain.DatasetIterator:
   """Infinite, deterministic, resumable training iterator (see the module docstring).
 
@@ -402,11 +440,23 @@ def create_train_iterator(
   from vcmamba_jax.data.datasets import get_source
 
   source = get_source(dataset, split, data_dir)
-  return _close_at_exit(iter(create_train_dataset(
-      source=source, global_batch_size=global_batch_size, image_size=image_size, seed=seed,
-      repeated_aug=repeated_aug, randaugment=randaugment, num_workers=num_workers,
-      num_threads=num_threads, process_index=process_index, process_count=process_count,
-      prefetch_batches=prefetch_batches)))
+  return _close_at_exit(
+    iter(
+      create_train_dataset(
+        source=source,
+        global_batch_size=global_batch_size,
+        image_size=image_size,
+        seed=seed,
+        repeated_aug=repeated_aug,
+        randaugment=randaugment,
+        num_workers=num_workers,
+        num_threads=num_threads,
+        process_index=process_index,
+        process_count=process_count,
+        prefetch_batches=prefetch_batches,
+      )
+    )
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,8 +466,10 @@ def create_train_iterator(
 
 def eval_shard_bounds(num_records: int, process_index: int, process_count: int) -> tuple[int, int]:
   """[start, end) of the contiguous eval shard of a process (sizes differ by at most one)."""
-  return (process_index * num_records // process_count,
-          (process_index + 1) * num_records // process_count)
+  return (
+    process_index * num_records // process_count,
+    (process_index + 1) * num_records // process_count,
+  )
 
 
 class _EvalShard(grain.MapDataset):
@@ -453,9 +505,13 @@ class EvalExampleTransform:
   def __call__(self, element: dict[str, Any]) -> dict[str, Any]:
     size = self.transform.image_size
     record, record_index = element['record'], element['record_index']
-    masked = {'image': np.zeros((size, size, 3), np.uint8), 'label': np.int32(0),
-              'mask': np.bool_(False), 'index': np.int32(record_index),
-              'num_skipped': np.int32(0)}
+    masked = {
+      'image': np.zeros((size, size, 3), np.uint8),
+      'label': np.int32(0),
+      'mask': np.bool_(False),
+      'index': np.int32(record_index),
+      'num_skipped': np.int32(0),
+    }
     if record is None:
       return masked
     try:
@@ -464,20 +520,25 @@ class EvalExampleTransform:
       logging.warning('Masking undecodable eval record %d: %s', record_index, e)
       masked['num_skipped'] = np.int32(1)
       return masked
-    return {'image': image, 'label': np.int32(record['label']), 'mask': np.bool_(True),
-            'index': np.int32(record_index), 'num_skipped': np.int32(0)}
+    return {
+      'image': image,
+      'label': np.int32(record['label']),
+      'mask': np.bool_(True),
+      'index': np.int32(record_index),
+      'num_skipped': np.int32(0),
+    }
 
 
 def create_eval_dataset(
-    *,
-    source: Sequence[dict[str, Any]],
-    global_batch_size: int,
-    image_size: int = 224,
-    crop_pct: float = DEFAULT_CROP_PCT,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    num_workers: int = 0,
-    num_threads: int | None = None,
+  *,
+  source: Sequence[dict[str, Any]],
+  global_batch_size: int,
+  image_size: int = 224,
+  crop_pct: float = DEFAULT_CROP_PCT,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  num_workers: int = 0,
+  num_threads: int | None = None,
 ) -> grain.IterDataset:
   """The eval pipeline as a grain `IterDataset` over an opened `source` (see
   `create_eval_iterator`)."""
@@ -492,23 +553,24 @@ def create_eval_dataset(
   # Batching before the workers is order-safe here: a worker's slice is whole batches and grain
   # interleaves them back in order.
   ds = ds.batch(local_batch, drop_remainder=True)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=max(2, num_threads)))
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads))
+  )
   return _maybe_mp_prefetch(ds, num_workers, worker_buffer_size=2)
 
 
 def create_eval_iterator(
-    *,
-    dataset: str,
-    split: str = 'validation',
-    data_dir: str | os.PathLike | None = None,
-    global_batch_size: int,
-    image_size: int = 224,
-    crop_pct: float = DEFAULT_CROP_PCT,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    num_workers: int = 0,
-    num_threads: int | None = None,
+  *,
+  dataset: str,
+  split: str = 'validation',
+  data_dir: str | os.PathLike | None = None,
+  global_batch_size: int,
+  image_size: int = 224,
+  crop_pct: float = DEFAULT_CROP_PCT,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  num_workers: int = 0,
+  num_threads: int | None = None,
 ) -> grain.DatasetIterator:
   """One pass over `split`: every record exactly once across processes, fixed batch shapes.
 
@@ -529,10 +591,20 @@ def create_eval_iterator(
   from vcmamba_jax.data.datasets import get_source
 
   source = get_source(dataset, split, data_dir)
-  return _close_at_exit(iter(create_eval_dataset(
-      source=source, global_batch_size=global_batch_size, image_size=image_size,
-      crop_pct=crop_pct, process_index=process_index, process_count=process_count,
-      num_workers=num_workers, num_threads=num_threads)))
+  return _close_at_exit(
+    iter(
+      create_eval_dataset(
+        source=source,
+        global_batch_size=global_batch_size,
+        image_size=image_size,
+        crop_pct=crop_pct,
+        process_index=process_index,
+        process_count=process_count,
+        num_workers=num_workers,
+        num_threads=num_threads,
+      )
+    )
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,7 +613,7 @@ def create_eval_iterator(
 
 
 def measure_throughput(
-    iterator: Any, num_batches: int, warmup_batches: int = 2
+  iterator: Any, num_batches: int, warmup_batches: int = 2
 ) -> dict[str, float]:
   """Host pipeline speed: pulls `warmup_batches` (not timed: worker start-up), then times
   `num_batches`.
@@ -556,5 +628,9 @@ def measure_throughput(
   for _ in range(num_batches):
     images += len(next(iterator)['label'])
   seconds = time.perf_counter() - start
-  return {'images_per_sec': images / seconds, 'batches_per_sec': num_batches / seconds,
-          'seconds': seconds, 'batch_size': images / max(1, num_batches)}
+  return {
+    'images_per_sec': images / seconds,
+    'batches_per_sec': num_batches / seconds,
+    'seconds': seconds,
+    'batch_size': images / max(1, num_batches),
+  }

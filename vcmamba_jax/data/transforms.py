@@ -40,9 +40,9 @@ RRC_SCALE = (0.08, 1.0)
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 _RESAMPLE = {
-    'bicubic': Image.Resampling.BICUBIC,
-    'bilinear': Image.Resampling.BILINEAR,
-    'nearest': Image.Resampling.NEAREST,
+  'bicubic': Image.Resampling.BICUBIC,
+  'bilinear': Image.Resampling.BILINEAR,
+  'nearest': Image.Resampling.NEAREST,
 }
 # JPEG DCT scaling factors supported by libjpeg through PIL's `draft`.
 _DRAFT_SCALES = (8, 4, 2, 1)
@@ -81,7 +81,8 @@ def _open(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
   except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
     raise ImageDecodeError(
-        f'cannot open image ({len(data)} bytes, starts with {bytes(data[:4])!r}): {e}') from e
+      f'cannot open image ({len(data)} bytes, starts with {bytes(data[:4])!r}): {e}'
+    ) from e
 
 
 def _choose_draft_scale(crop_w: float, crop_h: float, out_w: int, out_h: int) -> int:
@@ -124,8 +125,9 @@ def _as_pil(image: Image.Image | np.ndarray | bytes) -> Image.Image:
   if isinstance(image, np.ndarray):
     if image.dtype != np.uint8:
       raise TypeError(
-          f'expected a uint8 image array (0-255), got dtype {image.dtype}; convert it with '
-          '`np.clip(x * 255, 0, 255).astype(np.uint8)` if it is a float image in [0, 1]')
+        f'expected a uint8 image array (0-255), got dtype {image.dtype}; convert it with '
+        '`np.clip(x * 255, 0, 255).astype(np.uint8)` if it is a float image in [0, 1]'
+      )
     if image.ndim == 3 and image.shape[-1] == 1:
       image = image[..., 0]
     if image.ndim == 2:
@@ -133,8 +135,9 @@ def _as_pil(image: Image.Image | np.ndarray | bytes) -> Image.Image:
     if image.ndim == 3 and image.shape[-1] in (3, 4):
       return Image.fromarray(image, mode='RGB' if image.shape[-1] == 3 else 'RGBA')
     raise ValueError(
-        f'expected an image array of shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], '
-        f'got {image.shape}')
+      f'expected an image array of shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], '
+      f'got {image.shape}'
+    )
   raise TypeError(f'expected encoded bytes, a PIL image or a uint8 array, got {type(image)}')
 
 
@@ -144,12 +147,12 @@ def _as_pil(image: Image.Image | np.ndarray | bytes) -> Image.Image:
 
 
 def random_resized_crop_box(
-    rng: np.random.Generator,
-    width: int,
-    height: int,
-    scale: tuple[float, float] = RRC_SCALE,
-    ratio: tuple[float, float] = RRC_RATIO,
-    max_attempts: int = 10,
+  rng: np.random.Generator,
+  width: int,
+  height: int,
+  scale: tuple[float, float] = RRC_SCALE,
+  ratio: tuple[float, float] = RRC_RATIO,
+  max_attempts: int = 10,
 ) -> tuple[int, int, int, int]:
   """Samples a crop box as timm/torchvision RandomResizedCrop do.
 
@@ -185,14 +188,14 @@ def random_resized_crop_box(
 
 
 def decode_random_resized_crop(
-    data: bytes | Image.Image,
-    rng: np.random.Generator,
-    size: int,
-    *,
-    scale: tuple[float, float] = RRC_SCALE,
-    ratio: tuple[float, float] = RRC_RATIO,
-    interpolation: str = 'bicubic',
-    reduced_decode: bool = True,
+  data: bytes | Image.Image,
+  rng: np.random.Generator,
+  size: int,
+  *,
+  scale: tuple[float, float] = RRC_SCALE,
+  ratio: tuple[float, float] = RRC_RATIO,
+  interpolation: str = 'bicubic',
+  reduced_decode: bool = True,
 ) -> tuple[Image.Image, tuple[int, int, int, int]]:
   """Decodes an image and applies RandomResizedCrop, decoding only what the crop needs.
 
@@ -340,39 +343,65 @@ def _op_translate_y_rel(img: Image.Image, pct: float, *, fill: tuple, resample: 
 LevelFn = Callable[[float, np.random.Generator, dict[str, Any]], tuple]
 # name -> (image op, level-to-argument function or None for ops without a magnitude).
 RANDAUGMENT_OPS: dict[str, tuple[Callable[..., Image.Image], LevelFn | None]] = {
-    'AutoContrast': (_op_auto_contrast, None),
-    'Equalize': (_op_equalize, None),
-    'Invert': (_op_invert, None),
-    'Rotate': (_op_rotate, _rotate_arg),
-    'Posterize': (_op_posterize, _posterize_arg),
-    'PosterizeIncreasing': (_op_posterize, _posterize_increasing_arg),
-    'Solarize': (_op_solarize, _solarize_arg),
-    'SolarizeIncreasing': (_op_solarize, _solarize_increasing_arg),
-    'SolarizeAdd': (_op_solarize_add, _solarize_add_arg),
-    'Color': (_op_color, _enhance_arg),
-    'ColorIncreasing': (_op_color, _enhance_increasing_arg),
-    'Contrast': (_op_contrast, _enhance_arg),
-    'ContrastIncreasing': (_op_contrast, _enhance_increasing_arg),
-    'Brightness': (_op_brightness, _enhance_arg),
-    'BrightnessIncreasing': (_op_brightness, _enhance_increasing_arg),
-    'Sharpness': (_op_sharpness, _enhance_arg),
-    'SharpnessIncreasing': (_op_sharpness, _enhance_increasing_arg),
-    'ShearX': (_op_shear_x, _shear_arg),
-    'ShearY': (_op_shear_y, _shear_arg),
-    'TranslateXRel': (_op_translate_x_rel, _translate_rel_arg),
-    'TranslateYRel': (_op_translate_y_rel, _translate_rel_arg),
+  'AutoContrast': (_op_auto_contrast, None),
+  'Equalize': (_op_equalize, None),
+  'Invert': (_op_invert, None),
+  'Rotate': (_op_rotate, _rotate_arg),
+  'Posterize': (_op_posterize, _posterize_arg),
+  'PosterizeIncreasing': (_op_posterize, _posterize_increasing_arg),
+  'Solarize': (_op_solarize, _solarize_arg),
+  'SolarizeIncreasing': (_op_solarize, _solarize_increasing_arg),
+  'SolarizeAdd': (_op_solarize_add, _solarize_add_arg),
+  'Color': (_op_color, _enhance_arg),
+  'ColorIncreasing': (_op_color, _enhance_increasing_arg),
+  'Contrast': (_op_contrast, _enhance_arg),
+  'ContrastIncreasing': (_op_contrast, _enhance_increasing_arg),
+  'Brightness': (_op_brightness, _enhance_arg),
+  'BrightnessIncreasing': (_op_brightness, _enhance_increasing_arg),
+  'Sharpness': (_op_sharpness, _enhance_arg),
+  'SharpnessIncreasing': (_op_sharpness, _enhance_increasing_arg),
+  'ShearX': (_op_shear_x, _shear_arg),
+  'ShearY': (_op_shear_y, _shear_arg),
+  'TranslateXRel': (_op_translate_x_rel, _translate_rel_arg),
+  'TranslateYRel': (_op_translate_y_rel, _translate_rel_arg),
 }
 _GEOMETRIC_OPS = frozenset({'Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'})
 
 # timm `_RAND_TRANSFORMS` and `_RAND_INCREASING_TRANSFORMS` (Cutout is left to random erasing).
 RAND_OPS: tuple[str, ...] = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
-    'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
-    'TranslateYRel')
+  'AutoContrast',
+  'Equalize',
+  'Invert',
+  'Rotate',
+  'Posterize',
+  'Solarize',
+  'SolarizeAdd',
+  'Color',
+  'Contrast',
+  'Brightness',
+  'Sharpness',
+  'ShearX',
+  'ShearY',
+  'TranslateXRel',
+  'TranslateYRel',
+)
 RAND_INCREASING_OPS: tuple[str, ...] = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing',
-    'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing',
-    'SharpnessIncreasing', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+  'AutoContrast',
+  'Equalize',
+  'Invert',
+  'Rotate',
+  'PosterizeIncreasing',
+  'SolarizeIncreasing',
+  'SolarizeAdd',
+  'ColorIncreasing',
+  'ContrastIncreasing',
+  'BrightnessIncreasing',
+  'SharpnessIncreasing',
+  'ShearX',
+  'ShearY',
+  'TranslateXRel',
+  'TranslateYRel',
+)
 
 
 class RandAugment:
@@ -386,24 +415,25 @@ class RandAugment:
   """
 
   def __init__(
-      self,
-      *,
-      num_layers: int = 2,
-      magnitude: float = 9.0,
-      magnitude_std: float = 0.5,
-      magnitude_max: float = _LEVEL_DENOM,
-      prob: float = 0.5,
-      ops: Sequence[str] = RAND_INCREASING_OPS,
-      translate_pct: float = 0.45,
-      fill: tuple[int, int, int] = IMAGENET_MEAN_PIXEL,
-      interpolation: str = 'bicubic',
+    self,
+    *,
+    num_layers: int = 2,
+    magnitude: float = 9.0,
+    magnitude_std: float = 0.5,
+    magnitude_max: float = _LEVEL_DENOM,
+    prob: float = 0.5,
+    ops: Sequence[str] = RAND_INCREASING_OPS,
+    translate_pct: float = 0.45,
+    fill: tuple[int, int, int] = IMAGENET_MEAN_PIXEL,
+    interpolation: str = 'bicubic',
   ):
     unknown = [name for name in ops if name not in RANDAUGMENT_OPS]
     if unknown:
       raise ValueError(f'unknown RandAugment ops {unknown}; known: {sorted(RANDAUGMENT_OPS)}')
     if interpolation not in ('bicubic', 'bilinear', 'random'):
-      raise ValueError(f"interpolation must be 'bicubic', 'bilinear' or 'random', got "
-                       f'{interpolation!r}')
+      raise ValueError(
+        f"interpolation must be 'bicubic', 'bilinear' or 'random', got {interpolation!r}"
+      )
     self.num_layers = num_layers
     self.magnitude = magnitude
     self.magnitude_std = magnitude_std
@@ -415,8 +445,10 @@ class RandAugment:
     self.hparams = {'translate_pct': translate_pct}
 
   def __repr__(self) -> str:
-    return (f'RandAugment(n={self.num_layers}, m={self.magnitude}, mstd={self.magnitude_std}, '
-            f'mmax={self.magnitude_max}, p={self.prob}, ops={list(self.ops)})')
+    return (
+      f'RandAugment(n={self.num_layers}, m={self.magnitude}, mstd={self.magnitude_std}, '
+      f'mmax={self.magnitude_max}, p={self.prob}, ops={list(self.ops)})'
+    )
 
   def _resample(self, rng: np.random.Generator) -> int:
     if self.interpolation == 'random':
@@ -477,8 +509,10 @@ def parse_randaugment(config: str, **overrides: Any) -> RandAugment:
     elif key == 'inc':
       increasing = bool(int(value))
     else:
-      raise ValueError(f'unsupported RandAugment section {section!r} in {config!r} '
-                       '(supported: m, n, mstd, mmax, p, inc)')
+      raise ValueError(
+        f'unsupported RandAugment section {section!r} in {config!r} '
+        '(supported: m, n, mstd, mmax, p, inc)'
+      )
   kwargs['ops'] = RAND_INCREASING_OPS if increasing else RAND_OPS
   kwargs.update(overrides)
   return RandAugment(**kwargs)
@@ -496,15 +530,15 @@ class TrainTransform:
   """
 
   def __init__(
-      self,
-      image_size: int = 224,
-      *,
-      scale: tuple[float, float] = RRC_SCALE,
-      ratio: tuple[float, float] = RRC_RATIO,
-      hflip_prob: float = 0.5,
-      randaugment: str | None = DEFAULT_RANDAUGMENT,
-      interpolation: str = 'bicubic',
-      reduced_decode: bool = True,
+    self,
+    image_size: int = 224,
+    *,
+    scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
+    hflip_prob: float = 0.5,
+    randaugment: str | None = DEFAULT_RANDAUGMENT,
+    interpolation: str = 'bicubic',
+    reduced_decode: bool = True,
   ):
     if interpolation not in _RESAMPLE:
       raise ValueError(f'interpolation must be one of {sorted(_RESAMPLE)}, got {interpolation!r}')
@@ -516,13 +550,23 @@ class TrainTransform:
     self.reduced_decode = reduced_decode
     # timm passes the train interpolation to RandAugment's geometric ops as well.
     self.randaugment = (
-        parse_randaugment(randaugment, interpolation=interpolation if interpolation != 'nearest'
-                          else 'bilinear') if randaugment else None)
+      parse_randaugment(
+        randaugment, interpolation=interpolation if interpolation != 'nearest' else 'bilinear'
+      )
+      if randaugment
+      else None
+    )
 
   def __call__(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
     img, _ = decode_random_resized_crop(
-        data, rng, self.image_size, scale=self.scale, ratio=self.ratio,
-        interpolation=self.interpolation, reduced_decode=self.reduced_decode)
+      data,
+      rng,
+      self.image_size,
+      scale=self.scale,
+      ratio=self.ratio,
+      interpolation=self.interpolation,
+      reduced_decode=self.reduced_decode,
+    )
     if rng.random() < self.hflip_prob:
       img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if self.randaugment is not None:
@@ -538,8 +582,11 @@ def eval_resize_size(image_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> int
 
 
 def _eval_resize_crop(
-    img: Image.Image, image_size: int, crop_pct: float, reduced_decode: bool,
-    apply_exif_orientation: bool = False,
+  img: Image.Image,
+  image_size: int,
+  crop_pct: float,
+  reduced_decode: bool,
+  apply_exif_orientation: bool = False,
 ) -> Image.Image:
   """Resize shorter side (torchvision `Resize(int)` rounding) + centre crop, in one resample.
 
@@ -557,8 +604,9 @@ def _eval_resize_crop(
     resized_w, resized_h = int(resize_short * width / height), resize_short
   draft = 1
   if reduced_decode:
-    draft = _choose_draft_scale(width * image_size / resized_w, height * image_size / resized_h,
-                                image_size, image_size)
+    draft = _choose_draft_scale(
+      width * image_size / resized_w, height * image_size / resized_h, image_size, image_size
+    )
   img, actual = _load_rgb(img, draft)
   # torchvision CenterCrop offsets.
   top = round((resized_h - image_size) / 2.0)
@@ -575,8 +623,9 @@ class EvalTransform:
   eval; True allows JPEG DCT downscaling for large images (faster, very slightly different).
   """
 
-  def __init__(self, image_size: int = 224, crop_pct: float = DEFAULT_CROP_PCT, *,
-               reduced_decode: bool = False):
+  def __init__(
+    self, image_size: int = 224, crop_pct: float = DEFAULT_CROP_PCT, *, reduced_decode: bool = False
+  ):
     eval_resize_size(image_size, crop_pct)  # validates crop_pct
     self.image_size = image_size
     self.crop_pct = crop_pct
@@ -588,11 +637,11 @@ class EvalTransform:
 
 
 def eval_preprocess(
-    image: Image.Image | np.ndarray | bytes,
-    image_size: int = 224,
-    crop_pct: float = DEFAULT_CROP_PCT,
-    *,
-    apply_exif_orientation: bool = True,
+  image: Image.Image | np.ndarray | bytes,
+  image_size: int = 224,
+  crop_pct: float = DEFAULT_CROP_PCT,
+  *,
+  apply_exif_orientation: bool = True,
 ) -> np.ndarray:
   """Eval preprocessing for one image: resize shorter side to int(image_size / crop_pct)
   (bicubic), centre crop image_size x image_size.
@@ -610,8 +659,11 @@ def eval_preprocess(
   """
   img = _as_pil(image)
   return np.asarray(
-      _eval_resize_crop(img, image_size, crop_pct, reduced_decode=False,
-                        apply_exif_orientation=apply_exif_orientation), dtype=np.uint8)
+    _eval_resize_crop(
+      img, image_size, crop_pct, reduced_decode=False, apply_exif_orientation=apply_exif_orientation
+    ),
+    dtype=np.uint8,
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -621,12 +673,17 @@ def eval_preprocess(
 
 @functools.cache
 def _class_name_table() -> tuple[tuple[str, str], ...]:
-  text = importlib.resources.files(__package__).joinpath('imagenet_class_names.tsv').read_text(
-      encoding='utf-8')
+  text = (
+    importlib.resources.files(__package__)
+    .joinpath('imagenet_class_names.tsv')
+    .read_text(encoding='utf-8')
+  )
   rows = tuple(tuple(line.split('\t', 1)) for line in text.splitlines() if line.strip())
   if len(rows) != 1000 or any(len(row) != 2 for row in rows):
-    raise RuntimeError('imagenet_class_names.tsv is damaged: expected 1000 "synset<TAB>lemmas" '
-                       'lines; reinstall vcmamba_jax')
+    raise RuntimeError(
+      'imagenet_class_names.tsv is damaged: expected 1000 "synset<TAB>lemmas" '
+      'lines; reinstall vcmamba_jax'
+    )
   return rows  # type: ignore[return-value]
 
 
@@ -638,8 +695,7 @@ def imagenet_class_names(full: bool = False) -> list[str]:
       True returns the whole WordNet lemma string ('tench, Tinca tinca'). Note that two pairs of
       classes share their first lemma ('crane' 134/517, 'maillot' 638/639).
   """
-  return [lemmas if full else lemmas.split(',')[0].strip()
-          for _, lemmas in _class_name_table()]
+  return [lemmas if full else lemmas.split(',')[0].strip() for _, lemmas in _class_name_table()]
 
 
 def imagenet_synsets() -> list[str]:

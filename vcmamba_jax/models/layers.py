@@ -8,7 +8,8 @@ GELU, and symmetric explicit padding for every convolution.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,221 +25,235 @@ LINEAR_INIT_STD = 0.02  # timm trunc_normal_(std=.02) on every Linear / 1x1 Mlp 
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as torch.nn.GELU()."""
-    return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, as torch.nn.GELU()."""
+  return jax.nn.gelu(x, approximate=False)
 
 
 def torch_default_init(fan_in: int) -> Initializer:
-    """PyTorch's default Conv/Linear init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
+  """PyTorch's default Conv/Linear init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
 
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    return init
+  return init
 
 
 normal_init = nn.initializers.normal(LINEAR_INIT_STD)
 # timm lecun_normal_: fan-in variance scaling with a truncated normal (std sqrt(1/fan_in)).
-lecun_normal_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+lecun_normal_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm over all axes but the last, matching torch.nn.BatchNorm2d / SyncBatchNorm.
+  """BatchNorm over all axes but the last, matching torch.nn.BatchNorm2d / SyncBatchNorm.
 
-    Train mode normalises with the batch mean and BIASED batch variance (float32 statistics) and
-    updates the running statistics with the UNBIASED variance, like PyTorch. Under ``jax.jit`` with
-    a batch sharded over devices, the statistics are those of the global batch (SyncBatchNorm).
-    """
+  Train mode normalises with the batch mean and BIASED batch variance (float32 statistics) and
+  updates the running statistics with the UNBIASED variance, like PyTorch. Under ``jax.jit`` with
+  a batch sharded over devices, the statistics are those of the global batch (SyncBatchNorm).
+  """
 
-    epsilon: float = BN_EPS
-    momentum: float = BN_MOMENTUM
-    dtype: Dtype = jnp.float32
+  epsilon: float = BN_EPS
+  momentum: float = BN_MOMENTUM
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        features = x.shape[-1]
-        f32 = jnp.float32
-        scale = self.param("scale", nn.initializers.ones, (features,), f32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), f32)
-        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), f32))
-        running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), f32))
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            xf = x.astype(f32)
-            mean = jnp.mean(xf, axis=axes)
-            var = jnp.mean(jnp.square(xf - mean), axis=axes)
-            if not self.is_initializing():
-                count = math.prod(x.shape[:-1])
-                unbiased = var * (count / max(count - 1, 1))
-                running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-                running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
-        else:
-            mean, var = running_mean.value, running_var.value
-        mul = scale * jax.lax.rsqrt(var + self.epsilon)
-        y = (x.astype(f32) - mean) * mul + bias
-        return y.astype(self.dtype)
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    features = x.shape[-1]
+    f32 = jnp.float32
+    scale = self.param('scale', nn.initializers.ones, (features,), f32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), f32)
+    running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), f32))
+    running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), f32))
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      xf = x.astype(f32)
+      mean = jnp.mean(xf, axis=axes)
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      if not self.is_initializing():
+        count = math.prod(x.shape[:-1])
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+        running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
+    else:
+      mean, var = running_mean.value, running_var.value
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = (x.astype(f32) - mean) * mul + bias
+    return y.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis, eps 1e-5 (PyTorch), float32 statistics."""
+  """LayerNorm over the last axis, eps 1e-5 (PyTorch), float32 statistics."""
 
-    epsilon: float = LN_EPS
-    dtype: Dtype = jnp.float32
+  epsilon: float = LN_EPS
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        f32 = jnp.float32
-        scale = self.param("scale", nn.initializers.ones, (features,), f32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), f32)
-        xf = x.astype(f32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        return y.astype(self.dtype)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    f32 = jnp.float32
+    scale = self.param('scale', nn.initializers.ones, (features,), f32)
+    bias = self.param('bias', nn.initializers.zeros, (features,), f32)
+    xf = x.astype(f32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return y.astype(self.dtype)
 
 
 def conv(
-    features: int,
-    kernel_size: int,
-    *,
-    stride: int = 1,
-    groups: int = 1,
-    in_features: int,
-    dtype: Dtype,
-    name: str,
-    kernel_init: Initializer | None = None,
-    bias_init: Initializer | None = None,
+  features: int,
+  kernel_size: int,
+  *,
+  stride: int = 1,
+  groups: int = 1,
+  in_features: int,
+  dtype: Dtype,
+  name: str,
+  kernel_init: Initializer | None = None,
+  bias_init: Initializer | None = None,
 ) -> nn.Conv:
-    """A KxK convolution with PyTorch's symmetric padding K//2 and bias.
+  """A KxK convolution with PyTorch's symmetric padding K//2 and bias.
 
-    Defaults to PyTorch's init, U(+-1/sqrt(fan_in)) for weight and bias.
-    """
-    fan_in = (in_features // groups) * kernel_size * kernel_size
-    pad = kernel_size // 2
-    return nn.Conv(
-        features,
-        (kernel_size, kernel_size),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        feature_group_count=groups,
-        use_bias=True,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=kernel_init or torch_default_init(fan_in),
-        bias_init=bias_init or torch_default_init(fan_in),
-        name=name,
-    )
+  Defaults to PyTorch's init, U(+-1/sqrt(fan_in)) for weight and bias.
+  """
+  fan_in = (in_features // groups) * kernel_size * kernel_size
+  pad = kernel_size // 2
+  return nn.Conv(
+    features,
+    (kernel_size, kernel_size),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    feature_group_count=groups,
+    use_bias=True,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=kernel_init or torch_default_init(fan_in),
+    bias_init=bias_init or torch_default_init(fan_in),
+    name=name,
+  )
 
 
 def dense(
-    features: int,
-    *,
-    dtype: Dtype,
-    name: str,
-    use_bias: bool = True,
-    kernel_init: Initializer = normal_init,
-    bias_init: Initializer = nn.initializers.zeros,
+  features: int,
+  *,
+  dtype: Dtype,
+  name: str,
+  use_bias: bool = True,
+  kernel_init: Initializer = normal_init,
+  bias_init: Initializer = nn.initializers.zeros,
 ) -> nn.Dense:
-    """A Linear / 1x1 convolution on the channel axis (kernel [in, out])."""
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
-        name=name,
-    )
+  """A Linear / 1x1 convolution on the channel axis (kernel [in, out])."""
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    name=name,
+  )
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (timm/mmcv): keep with prob 1-rate, scale kept samples by 1/(1-rate).
+  """Stochastic depth per sample (timm/mmcv): keep with prob 1-rate, scale kept samples by 1/(1-rate).
 
-    Draws from the 'drop_path' RNG stream in train mode; identity otherwise or when rate == 0.
-    """
+  Draws from the 'drop_path' RNG stream in train mode; identity otherwise or when rate == 0.
+  """
 
-    rate: float
+  rate: float
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        if not train or self.rate == 0.0:
-            return x
-        keep_prob = 1.0 - self.rate
-        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        keep = jax.random.bernoulli(self.make_rng("drop_path"), keep_prob, mask_shape)
-        return jnp.where(keep, x / keep_prob, jnp.zeros_like(x)).astype(x.dtype)
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if not train or self.rate == 0.0:
+      return x
+    keep_prob = 1.0 - self.rate
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = jax.random.bernoulli(self.make_rng('drop_path'), keep_prob, mask_shape)
+    return jnp.where(keep, x / keep_prob, jnp.zeros_like(x)).astype(x.dtype)
 
 
 class Mlp(nn.Module):
-    """EfficientFormer/VCMamba conv Mlp: 1x1 -> BN -> GELU -> dw3x3 -> BN -> GELU -> 1x1 -> BN."""
+  """EfficientFormer/VCMamba conv Mlp: 1x1 -> BN -> GELU -> dw3x3 -> BN -> GELU -> 1x1 -> BN."""
 
-    hidden_features: int
-    dtype: Dtype = jnp.float32
+  hidden_features: int
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        features = x.shape[-1]
-        hidden = self.hidden_features
-        x = dense(hidden, dtype=self.dtype, name="fc1")(x)
-        x = gelu(BatchNorm(dtype=self.dtype, name="norm1")(x, train))
-        x = conv(hidden, 3, groups=hidden, in_features=hidden, dtype=self.dtype, name="mid")(x)
-        x = gelu(BatchNorm(dtype=self.dtype, name="mid_norm")(x, train))
-        x = dense(features, dtype=self.dtype, name="fc2")(x)
-        return BatchNorm(dtype=self.dtype, name="norm2")(x, train)
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    features = x.shape[-1]
+    hidden = self.hidden_features
+    x = dense(hidden, dtype=self.dtype, name='fc1')(x)
+    x = gelu(BatchNorm(dtype=self.dtype, name='norm1')(x, train))
+    x = conv(hidden, 3, groups=hidden, in_features=hidden, dtype=self.dtype, name='mid')(x)
+    x = gelu(BatchNorm(dtype=self.dtype, name='mid_norm')(x, train))
+    x = dense(features, dtype=self.dtype, name='fc2')(x)
+    return BatchNorm(dtype=self.dtype, name='norm2')(x, train)
 
 
 class FFNBlock(nn.Module):
-    """Conv block of stages 1-4: x + DropPath(layer_scale * Mlp(x)); no token mixer, no pre-norm."""
+  """Conv block of stages 1-4: x + DropPath(layer_scale * Mlp(x)); no token mixer, no pre-norm."""
 
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    layer_scale_init: float = 1e-5
-    dtype: Dtype = jnp.float32
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  layer_scale_init: float = 1e-5
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        features = x.shape[-1]
-        layer_scale = self.param(
-            "layer_scale",
-            nn.initializers.constant(self.layer_scale_init),
-            (features,),
-            jnp.float32,
-        )
-        y = Mlp(int(features * self.mlp_ratio), dtype=self.dtype, name="mlp")(x, train)
-        y = (y * layer_scale).astype(self.dtype)
-        return x + DropPath(self.drop_path)(y, train)
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    features = x.shape[-1]
+    layer_scale = self.param(
+      'layer_scale',
+      nn.initializers.constant(self.layer_scale_init),
+      (features,),
+      jnp.float32,
+    )
+    y = Mlp(int(features * self.mlp_ratio), dtype=self.dtype, name='mlp')(x, train)
+    y = (y * layer_scale).astype(self.dtype)
+    return x + DropPath(self.drop_path)(y, train)
 
 
 class Downsample(nn.Module):
-    """`Embedding`: 3x3 stride-2 conv (pad 1) + BN, no activation."""
+  """`Embedding`: 3x3 stride-2 conv (pad 1) + BN, no activation."""
 
-    features: int
-    dtype: Dtype = jnp.float32
+  features: int
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = conv(
-            self.features, 3, stride=2, in_features=x.shape[-1], dtype=self.dtype, name="proj"
-        )(x)
-        return BatchNorm(dtype=self.dtype, name="norm")(x, train)
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = conv(self.features, 3, stride=2, in_features=x.shape[-1], dtype=self.dtype, name='proj')(x)
+    return BatchNorm(dtype=self.dtype, name='norm')(x, train)
 
 
 class Stem(nn.Module):
-    """Two 3x3 stride-2 convs with BN and ReLU (GELU in the segmentation backbone): /4."""
+  """Two 3x3 stride-2 convs with BN and ReLU (GELU in the segmentation backbone): /4."""
 
-    features: int
-    activation: str = "relu"
-    dtype: Dtype = jnp.float32
+  features: int
+  activation: str = 'relu'
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        act = {"relu": jax.nn.relu, "gelu": gelu}[self.activation]
-        mid = self.features // 2
-        x = conv(mid, 3, stride=2, in_features=x.shape[-1], dtype=self.dtype, name="conv1",
-                 kernel_init=lecun_normal_init, bias_init=nn.initializers.zeros)(x)
-        x = act(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
-        x = conv(self.features, 3, stride=2, in_features=mid, dtype=self.dtype, name="conv2",
-                 kernel_init=lecun_normal_init, bias_init=nn.initializers.zeros)(x)
-        return act(BatchNorm(dtype=self.dtype, name="bn2")(x, train))
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    act = {'relu': jax.nn.relu, 'gelu': gelu}[self.activation]
+    mid = self.features // 2
+    x = conv(
+      mid,
+      3,
+      stride=2,
+      in_features=x.shape[-1],
+      dtype=self.dtype,
+      name='conv1',
+      kernel_init=lecun_normal_init,
+      bias_init=nn.initializers.zeros,
+    )(x)
+    x = act(BatchNorm(dtype=self.dtype, name='bn1')(x, train))
+    x = conv(
+      self.features,
+      3,
+      stride=2,
+      in_features=mid,
+      dtype=self.dtype,
+      name='conv2',
+      kernel_init=lecun_normal_init,
+      bias_init=nn.initializers.zeros,
+    )(x)
+    return act(BatchNorm(dtype=self.dtype, name='bn2')(x, train))

@@ -23,8 +23,8 @@ import numpy as np
 
 from vcmamba_jax.models import scan_pallas
 
-ScanImpl = Literal["auto", "associative", "sequential", "fused"]
-SCAN_IMPLS = ("auto", "associative", "sequential", "fused")
+ScanImpl = Literal['auto', 'associative', 'sequential', 'fused']
+SCAN_IMPLS = ('auto', 'associative', 'sequential', 'fused')
 
 # Direction codes of the zig-zag scans: the move that arrives at a token.
 DIR_START, DIR_RIGHT, DIR_LEFT, DIR_UP, DIR_DOWN = 0, 1, 2, 3, 4
@@ -36,155 +36,156 @@ NUM_DIRECTION_CODES = 5
 # ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def scan_tables(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Orders, inverse orders and direction codes of the four zig-zag scans of an HxW grid.
+  """Orders, inverse orders and direction codes of the four zig-zag scans of an HxW grid.
 
-    Token index p = i * width + j (row-major, as a NHWC -> [B, H*W, C] reshape gives).
+  Token index p = i * width + j (row-major, as a NHWC -> [B, H*W, C] reshape gives).
 
-    Returns:
-      orders: int32 [4, L]; orders[k, t] = raster index of the token visited at step t of scan k.
-        k = 0: row snake (even rows left->right, odd rows right->left); k = 1: reversed row snake;
-        k = 2: column snake (even columns top->bottom, odd columns bottom->top); k = 3: its reverse.
-      inverse: int32 [4, L]; inverse[k, orders[k, t]] = t.
-      codes: int32 [4, L]; codes[k, 0] = 0 (start), codes[k, t] = code of the move from
-        orders[k, t-1] to orders[k, t]: 1 right (j+1), 2 left (j-1), 3 up (i-1), 4 down (i+1).
-    Cached per (height, width); the arrays are read-only.
-    """
-    if height < 1 or width < 1:
-        raise ValueError(f"scan grid must be at least 1x1, got {height}x{width}")
-    rows = []
-    for i in range(height):
-        cols = range(width) if i % 2 == 0 else range(width - 1, -1, -1)
-        rows.extend(i * width + j for j in cols)
-    row_snake = np.asarray(rows, dtype=np.int32)
-    cols = []
-    for j in range(width):
-        ii = range(height) if j % 2 == 0 else range(height - 1, -1, -1)
-        cols.extend(i * width + j for i in ii)
-    col_snake = np.asarray(cols, dtype=np.int32)
-    orders = np.stack([row_snake, row_snake[::-1], col_snake, col_snake[::-1]])
+  Returns:
+    orders: int32 [4, L]; orders[k, t] = raster index of the token visited at step t of scan k.
+      k = 0: row snake (even rows left->right, odd rows right->left); k = 1: reversed row snake;
+      k = 2: column snake (even columns top->bottom, odd columns bottom->top); k = 3: its reverse.
+    inverse: int32 [4, L]; inverse[k, orders[k, t]] = t.
+    codes: int32 [4, L]; codes[k, 0] = 0 (start), codes[k, t] = code of the move from
+      orders[k, t-1] to orders[k, t]: 1 right (j+1), 2 left (j-1), 3 up (i-1), 4 down (i+1).
+  Cached per (height, width); the arrays are read-only.
+  """
+  if height < 1 or width < 1:
+    raise ValueError(f'scan grid must be at least 1x1, got {height}x{width}')
+  rows = []
+  for i in range(height):
+    cols = range(width) if i % 2 == 0 else range(width - 1, -1, -1)
+    rows.extend(i * width + j for j in cols)
+  row_snake = np.asarray(rows, dtype=np.int32)
+  cols = []
+  for j in range(width):
+    ii = range(height) if j % 2 == 0 else range(height - 1, -1, -1)
+    cols.extend(i * width + j for i in ii)
+  col_snake = np.asarray(cols, dtype=np.int32)
+  orders = np.stack([row_snake, row_snake[::-1], col_snake, col_snake[::-1]])
 
-    num_tokens = height * width
-    inverse = np.empty_like(orders)
-    codes = np.zeros_like(orders)
-    for k in range(4):
-        inverse[k, orders[k]] = np.arange(num_tokens, dtype=np.int32)
-        di = np.diff(orders[k] // width)
-        dj = np.diff(orders[k] % width)
-        step = np.select(
-            [dj == 1, dj == -1, di == -1, di == 1],
-            [DIR_RIGHT, DIR_LEFT, DIR_UP, DIR_DOWN],
-            default=-1,
-        )
-        if np.any(step < 0):  # pragma: no cover - a snake only makes unit moves
-            raise AssertionError("non-adjacent move in zig-zag scan")
-        codes[k, 1:] = step
-    for table in (orders, inverse, codes):
-        table.setflags(write=False)
-    return orders, inverse, codes
+  num_tokens = height * width
+  inverse = np.empty_like(orders)
+  codes = np.zeros_like(orders)
+  for k in range(4):
+    inverse[k, orders[k]] = np.arange(num_tokens, dtype=np.int32)
+    di = np.diff(orders[k] // width)
+    dj = np.diff(orders[k] % width)
+    step = np.select(
+      [dj == 1, dj == -1, di == -1, di == 1],
+      [DIR_RIGHT, DIR_LEFT, DIR_UP, DIR_DOWN],
+      default=-1,
+    )
+    if np.any(step < 0):  # pragma: no cover - a snake only makes unit moves
+      raise AssertionError('non-adjacent move in zig-zag scan')
+    codes[k, 1:] = step
+  for table in (orders, inverse, codes):
+    table.setflags(write=False)
+  return orders, inverse, codes
 
 
 # ---------------------------------------------------------------------------------------------
 # Selective scan
 # ---------------------------------------------------------------------------------------------
 def softplus(x: jax.Array) -> jax.Array:
-    """PyTorch/CUDA-kernel softplus: log1p(exp(x)), and x itself for x > 20."""
-    return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
+  """PyTorch/CUDA-kernel softplus: log1p(exp(x)), and x itself for x > 20."""
+  return jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(jnp.minimum(x, 20.0))))
 
 
 def _combine(left, right):
-    a_left, b_left = left
-    a_right, b_right = right
-    return a_left * a_right, a_right * b_left + b_right
+  a_left, b_left = left
+  a_right, b_right = right
+  return a_left * a_right, a_right * b_left + b_right
 
 
 def _linear_recurrence_associative(decay: jax.Array, drive: jax.Array, axis: int) -> jax.Array:
-    """h[t] = decay[t] * h[t-1] + drive[t] (h[-1] = 0) along ``axis`` by a parallel prefix scan.
+  """h[t] = decay[t] * h[t-1] + drive[t] (h[-1] = 0) along ``axis`` by a parallel prefix scan.
 
-    ``decay`` may have size 1 on broadcast axes where ``drive`` does not (e.g. shared across scan
-    directions); it is never materialised at the broadcast size.
-    """
-    _, states = jax.lax.associative_scan(_combine, (decay, drive), axis=axis)
-    return states
+  ``decay`` may have size 1 on broadcast axes where ``drive`` does not (e.g. shared across scan
+  directions); it is never materialised at the broadcast size.
+  """
+  _, states = jax.lax.associative_scan(_combine, (decay, drive), axis=axis)
+  return states
 
 
 def _linear_recurrence_sequential(decay: jax.Array, drive: jax.Array, axis: int) -> jax.Array:
-    """Reference: the same recurrence as a sequential ``lax.scan``."""
-    decay = jnp.moveaxis(jnp.broadcast_to(decay, drive.shape), axis, 0)
-    drive = jnp.moveaxis(drive, axis, 0)
+  """Reference: the same recurrence as a sequential ``lax.scan``."""
+  decay = jnp.moveaxis(jnp.broadcast_to(decay, drive.shape), axis, 0)
+  drive = jnp.moveaxis(drive, axis, 0)
 
-    def step(state, inputs):
-        a_t, b_t = inputs
-        state = a_t * state + b_t
-        return state, state
+  def step(state, inputs):
+    a_t, b_t = inputs
+    state = a_t * state + b_t
+    return state, state
 
-    _, states = jax.lax.scan(step, jnp.zeros_like(drive[0]), (decay, drive))
-    return jnp.moveaxis(states, 0, axis)
+  _, states = jax.lax.scan(step, jnp.zeros_like(drive[0]), (decay, drive))
+  return jnp.moveaxis(states, 0, axis)
 
 
 _RECURRENCES = {
-    "associative": _linear_recurrence_associative,
-    "sequential": _linear_recurrence_sequential,
+  'associative': _linear_recurrence_associative,
+  'sequential': _linear_recurrence_sequential,
 }
 
 
 def selective_scan(
-    u: jax.Array,
-    delta: jax.Array,
-    A: jax.Array,
-    B: jax.Array,
-    C: jax.Array,
-    D: jax.Array | None = None,
-    delta_bias: jax.Array | None = None,
-    *,
-    delta_softplus: bool = True,
-    impl: ScanImpl = "associative",
+  u: jax.Array,
+  delta: jax.Array,
+  A: jax.Array,
+  B: jax.Array,
+  C: jax.Array,
+  D: jax.Array | None = None,
+  delta_bias: jax.Array | None = None,
+  *,
+  delta_softplus: bool = True,
+  impl: ScanImpl = 'associative',
 ) -> jax.Array:
-    """Mamba-1 selective scan (see the module docstring), float32 state and accumulation.
+  """Mamba-1 selective scan (see the module docstring), float32 state and accumulation.
 
-    Args:
-      u: [..., L, E] input.
-      delta: [..., L, E] raw step size (before bias and softplus); leading axes broadcast
-        against ``u`` (a direction axis of size 1 shares delta between scans).
-      A: [E, N] state matrix (negative reals).
-      B: [..., L, N] input projection per token.
-      C: [..., L, N] readout per token; leading axes broadcast like ``delta``.
-      D: optional [E] skip.
-      delta_bias: optional [E] added to delta before softplus.
-      delta_softplus: apply softplus to delta (mamba's ``delta_softplus=True``).
-      impl: 'associative' (``jax.lax.associative_scan``, the default), 'sequential'
-        (``jax.lax.scan``, the reference), 'fused' (Pallas GPU kernels, see scan_pallas) or
-        'auto' ('fused' on GPUs for short sequences, else 'associative').
+  Args:
+    u: [..., L, E] input.
+    delta: [..., L, E] raw step size (before bias and softplus); leading axes broadcast
+      against ``u`` (a direction axis of size 1 shares delta between scans).
+    A: [E, N] state matrix (negative reals).
+    B: [..., L, N] input projection per token.
+    C: [..., L, N] readout per token; leading axes broadcast like ``delta``.
+    D: optional [E] skip.
+    delta_bias: optional [E] added to delta before softplus.
+    delta_softplus: apply softplus to delta (mamba's ``delta_softplus=True``).
+    impl: 'associative' (``jax.lax.associative_scan``, the default), 'sequential'
+      (``jax.lax.scan``, the reference), 'fused' (Pallas GPU kernels, see scan_pallas) or
+      'auto' ('fused' on GPUs for short sequences, else 'associative').
 
-    Returns:
-      y: [..., L, E] in ``u.dtype``.
-    """
-    if impl not in SCAN_IMPLS:
-        raise ValueError(f"unknown scan impl {impl!r}; expected one of {SCAN_IMPLS}")
-    if impl == "auto":
-        supported = scan_pallas.fused_scan_supported(u.shape[-2], u.shape[-1])
-        impl = "fused" if supported and delta_softplus else "associative"
-    if impl == "fused":
-        return scan_pallas.selective_scan_fused(u, delta, A, B, C, D, delta_bias,
-                                                delta_softplus=delta_softplus)
-    f32 = jnp.float32
-    out_dtype = u.dtype
-    u, delta, A, B, C = (x.astype(f32) for x in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.astype(f32)
-    if delta_softplus:
-        delta = softplus(delta)
-    token_axis = -3  # of the [..., L, E, N] state
-    decay = jnp.exp(delta[..., None] * A)  # [..., L, E, N]
-    drive = (delta * u)[..., None] * B[..., None, :]  # [..., L, E, N]
-    states = _RECURRENCES[impl](decay, drive, token_axis)
-    y = jnp.einsum("...len,...ln->...le", states, C, precision=jax.lax.Precision.HIGHEST)
-    if D is not None:
-        y = y + u * D.astype(f32)
-    return y.astype(out_dtype)
+  Returns:
+    y: [..., L, E] in ``u.dtype``.
+  """
+  if impl not in SCAN_IMPLS:
+    raise ValueError(f'unknown scan impl {impl!r}; expected one of {SCAN_IMPLS}')
+  if impl == 'auto':
+    supported = scan_pallas.fused_scan_supported(u.shape[-2], u.shape[-1])
+    impl = 'fused' if supported and delta_softplus else 'associative'
+  if impl == 'fused':
+    return scan_pallas.selective_scan_fused(
+      u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus
+    )
+  f32 = jnp.float32
+  out_dtype = u.dtype
+  u, delta, A, B, C = (x.astype(f32) for x in (u, delta, A, B, C))
+  if delta_bias is not None:
+    delta = delta + delta_bias.astype(f32)
+  if delta_softplus:
+    delta = softplus(delta)
+  token_axis = -3  # of the [..., L, E, N] state
+  decay = jnp.exp(delta[..., None] * A)  # [..., L, E, N]
+  drive = (delta * u)[..., None] * B[..., None, :]  # [..., L, E, N]
+  states = _RECURRENCES[impl](decay, drive, token_axis)
+  y = jnp.einsum('...len,...ln->...le', states, C, precision=jax.lax.Precision.HIGHEST)
+  if D is not None:
+    y = y + u * D.astype(f32)
+  return y.astype(out_dtype)
 
 
 def selective_scan_remat(*args, **kwargs) -> jax.Array:
-    """``selective_scan`` under ``jax.checkpoint``: the [..., L, E, N] states are recomputed in
-    the backward pass instead of being kept, which bounds training memory to the inputs."""
-    fn = functools.partial(selective_scan, **kwargs)
-    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)(*args)
+  """``selective_scan`` under ``jax.checkpoint``: the [..., L, E, N] states are recomputed in
+  the backward pass instead of being kept, which bounds training memory to the inputs."""
+  fn = functools.partial(selective_scan, **kwargs)
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)(*args)

@@ -24,201 +24,234 @@ BWD_BLOCK = 32
 
 
 def _block(inner: int, preferred: int) -> int:
-    block = preferred
-    while inner % block:
-        block //= 2
-    if block < 8:
-        raise ValueError(f"channel count {inner} needs a multiple of 8 for the fused scan")
-    return block
+  block = preferred
+  while inner % block:
+    block //= 2
+  if block < 8:
+    raise ValueError(f'channel count {inner} needs a multiple of 8 for the fused scan')
+  return block
 
 
 def _softplus(x):
-    return jnp.where(x > 20.0, x, jnp.log(1.0 + jnp.exp(jnp.minimum(x, 20.0))))
+  return jnp.where(x > 20.0, x, jnp.log(1.0 + jnp.exp(jnp.minimum(x, 20.0))))
 
 
 def _chunk_size(length: int) -> int:
-    """Largest divisor of ``length`` up to 8: states are checkpointed at chunk ends."""
-    return max(c for c in range(1, 9) if length % c == 0)
+  """Largest divisor of ``length`` up to 8: states are checkpointed at chunk ends."""
+  return max(c for c in range(1, 9) if length % c == 0)
 
 
 def _load_step(t, u_ref, delta_ref, b_ref, bias):
-    f32 = jnp.float32
-    raw = delta_ref[t, :].astype(f32) + bias
-    return raw, _softplus(raw), u_ref[t, :].astype(f32), b_ref[t, :].astype(f32)
+  f32 = jnp.float32
+  raw = delta_ref[t, :].astype(f32) + bias
+  return raw, _softplus(raw), u_ref[t, :].astype(f32), b_ref[t, :].astype(f32)
 
 
-def _fwd_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, y_ref, hs_ref, *, length,
-                chunk):
-    f32 = jnp.float32
-    A = a_ref[...].astype(f32)  # [blk, N]
-    D = d_ref[...].astype(f32)
-    bias = bias_ref[...].astype(f32)
+def _fwd_kernel(
+  u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, y_ref, hs_ref, *, length, chunk
+):
+  f32 = jnp.float32
+  A = a_ref[...].astype(f32)  # [blk, N]
+  D = d_ref[...].astype(f32)
+  bias = bias_ref[...].astype(f32)
 
-    def chunk_body(j, h):
-        for i in range(chunk):  # unrolled: short straight-line code, a fori_loop over chunks
-            t = j * chunk + i
-            _, dt, u, b = _load_step(t, u_ref, delta_ref, b_ref, bias)
-            h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * b[None, :]
-            y = jnp.sum(h * c_ref[t, :].astype(f32)[None, :], axis=1) + D * u
-            y_ref[t, :] = y.astype(y_ref.dtype)
-        hs_ref[j, :, :] = h  # state after the chunk: the backward pass restarts from it
-        return h
+  def chunk_body(j, h):
+    for i in range(chunk):  # unrolled: short straight-line code, a fori_loop over chunks
+      t = j * chunk + i
+      _, dt, u, b = _load_step(t, u_ref, delta_ref, b_ref, bias)
+      h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * b[None, :]
+      y = jnp.sum(h * c_ref[t, :].astype(f32)[None, :], axis=1) + D * u
+      y_ref[t, :] = y.astype(y_ref.dtype)
+    hs_ref[j, :, :] = h  # state after the chunk: the backward pass restarts from it
+    return h
 
-    jax.lax.fori_loop(0, length // chunk, chunk_body, jnp.zeros(A.shape, f32))
+  jax.lax.fori_loop(0, length // chunk, chunk_body, jnp.zeros(A.shape, f32))
 
 
-def _bwd_kernel(u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, hs_ref, dy_ref,
-                du_ref, ddelta_ref, da_ref, db_ref, dc_ref, *, length, chunk):
-    f32 = jnp.float32
-    A = a_ref[...].astype(f32)
-    D = d_ref[...].astype(f32)
-    bias = bias_ref[...].astype(f32)
-    num_chunks = length // chunk
+def _bwd_kernel(
+  u_ref,
+  delta_ref,
+  a_ref,
+  b_ref,
+  c_ref,
+  d_ref,
+  bias_ref,
+  hs_ref,
+  dy_ref,
+  du_ref,
+  ddelta_ref,
+  da_ref,
+  db_ref,
+  dc_ref,
+  *,
+  length,
+  chunk,
+):
+  f32 = jnp.float32
+  A = a_ref[...].astype(f32)
+  D = d_ref[...].astype(f32)
+  bias = bias_ref[...].astype(f32)
+  num_chunks = length // chunk
 
-    def chunk_body(r, carry):
-        grad_state, grad_a = carry
-        j = num_chunks - 1 - r
-        # Recompute the chunk's states from the checkpoint before it.
-        h_start = jnp.where(j > 0, hs_ref[jnp.maximum(j - 1, 0), :, :], 0.0)
-        states = [h_start]
-        for i in range(chunk):
-            _, dt, u, b = _load_step(j * chunk + i, u_ref, delta_ref, b_ref, bias)
-            states.append(jnp.exp(dt[:, None] * A) * states[-1] + (dt * u)[:, None] * b[None, :])
-        for i in reversed(range(chunk)):
-            t = j * chunk + i
-            raw, dt, u, b = _load_step(t, u_ref, delta_ref, b_ref, bias)
-            c = c_ref[t, :].astype(f32)
-            dy = dy_ref[t, :].astype(f32)
-            decay = jnp.exp(dt[:, None] * A)
-            grad_state = grad_state + dy[:, None] * c[None, :]  # dL/dh_t
-            gb = jnp.sum(grad_state * b[None, :], axis=1)
-            through_decay = grad_state * states[i] * decay  # dL/da_t * a_t (h_{-1} = 0)
-            ddt = jnp.sum(through_decay * A, axis=1) + gb * u
-            grad_a = grad_a + through_decay * dt[:, None]
-            sig = jnp.where(raw > 20.0, 1.0, 1.0 / (1.0 + jnp.exp(-jnp.minimum(raw, 20.0))))
-            ddelta_ref[t, :] = (ddt * sig).astype(ddelta_ref.dtype)
-            du_ref[t, :] = (gb * dt + D * dy).astype(du_ref.dtype)
-            db_ref[t, :] = jnp.sum(grad_state * (dt * u)[:, None], axis=0)
-            dc_ref[t, :] = jnp.sum(states[i + 1] * dy[:, None], axis=0)
-            grad_state = grad_state * decay  # carried to step t-1
-        return grad_state, grad_a
+  def chunk_body(r, carry):
+    grad_state, grad_a = carry
+    j = num_chunks - 1 - r
+    # Recompute the chunk's states from the checkpoint before it.
+    h_start = jnp.where(j > 0, hs_ref[jnp.maximum(j - 1, 0), :, :], 0.0)
+    states = [h_start]
+    for i in range(chunk):
+      _, dt, u, b = _load_step(j * chunk + i, u_ref, delta_ref, b_ref, bias)
+      states.append(jnp.exp(dt[:, None] * A) * states[-1] + (dt * u)[:, None] * b[None, :])
+    for i in reversed(range(chunk)):
+      t = j * chunk + i
+      raw, dt, u, b = _load_step(t, u_ref, delta_ref, b_ref, bias)
+      c = c_ref[t, :].astype(f32)
+      dy = dy_ref[t, :].astype(f32)
+      decay = jnp.exp(dt[:, None] * A)
+      grad_state = grad_state + dy[:, None] * c[None, :]  # dL/dh_t
+      gb = jnp.sum(grad_state * b[None, :], axis=1)
+      through_decay = grad_state * states[i] * decay  # dL/da_t * a_t (h_{-1} = 0)
+      ddt = jnp.sum(through_decay * A, axis=1) + gb * u
+      grad_a = grad_a + through_decay * dt[:, None]
+      sig = jnp.where(raw > 20.0, 1.0, 1.0 / (1.0 + jnp.exp(-jnp.minimum(raw, 20.0))))
+      ddelta_ref[t, :] = (ddt * sig).astype(ddelta_ref.dtype)
+      du_ref[t, :] = (gb * dt + D * dy).astype(du_ref.dtype)
+      db_ref[t, :] = jnp.sum(grad_state * (dt * u)[:, None], axis=0)
+      dc_ref[t, :] = jnp.sum(states[i + 1] * dy[:, None], axis=0)
+      grad_state = grad_state * decay  # carried to step t-1
+    return grad_state, grad_a
 
-    zeros = jnp.zeros(A.shape, f32)
-    _, grad_a = jax.lax.fori_loop(0, num_chunks, chunk_body, (zeros, zeros))
-    da_ref[...] = grad_a
+  zeros = jnp.zeros(A.shape, f32)
+  _, grad_a = jax.lax.fori_loop(0, num_chunks, chunk_body, (zeros, zeros))
+  da_ref[...] = grad_a
 
 
 def _specs(length, inner, state, block):
-    from jax.experimental import pallas as pl
+  from jax.experimental import pallas as pl
 
-    seq = pl.BlockSpec((None, length, block), lambda i, j: (i, 0, j))
-    tok = pl.BlockSpec((None, length, state), lambda i, j: (i, 0, 0))
-    mat = pl.BlockSpec((block, state), lambda i, j: (j, 0))
-    vec = pl.BlockSpec((block,), lambda i, j: (j,))
-    return seq, tok, mat, vec
+  seq = pl.BlockSpec((None, length, block), lambda i, j: (i, 0, j))
+  tok = pl.BlockSpec((None, length, state), lambda i, j: (i, 0, 0))
+  mat = pl.BlockSpec((block, state), lambda i, j: (j, 0))
+  vec = pl.BlockSpec((block,), lambda i, j: (j,))
+  return seq, tok, mat, vec
 
 
 def _compiler_params(num_warps):
-    from jax.experimental.pallas import triton as plgpu
+  from jax.experimental.pallas import triton as plgpu
 
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
 def _forward(u, delta, A, B, C, D, bias, interpret):
-    from jax.experimental import pallas as pl
+  from jax.experimental import pallas as pl
 
-    seqs, length, inner = u.shape
-    state = A.shape[1]
-    block = _block(inner, FWD_BLOCK)
-    seq, tok, mat, vec = _specs(length, inner, state, block)
-    chunk = _chunk_size(length)
-    checkpoints = pl.BlockSpec((None, length // chunk, block, state), lambda i, j: (i, 0, j, 0))
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, length=length, chunk=chunk),
-        out_shape=(jax.ShapeDtypeStruct(u.shape, u.dtype),
-                   jax.ShapeDtypeStruct((seqs, length // chunk, inner, state), jnp.float32)),
-        grid=(seqs, inner // block),
-        in_specs=[seq, seq, mat, tok, tok, vec, vec],
-        out_specs=(seq, checkpoints),
-        compiler_params=None if interpret else _compiler_params(4),
-        interpret=interpret,
-    )(u, delta, A, B, C, D, bias)
+  seqs, length, inner = u.shape
+  state = A.shape[1]
+  block = _block(inner, FWD_BLOCK)
+  seq, tok, mat, vec = _specs(length, inner, state, block)
+  chunk = _chunk_size(length)
+  checkpoints = pl.BlockSpec((None, length // chunk, block, state), lambda i, j: (i, 0, j, 0))
+  return pl.pallas_call(
+    functools.partial(_fwd_kernel, length=length, chunk=chunk),
+    out_shape=(
+      jax.ShapeDtypeStruct(u.shape, u.dtype),
+      jax.ShapeDtypeStruct((seqs, length // chunk, inner, state), jnp.float32),
+    ),
+    grid=(seqs, inner // block),
+    in_specs=[seq, seq, mat, tok, tok, vec, vec],
+    out_specs=(seq, checkpoints),
+    compiler_params=None if interpret else _compiler_params(4),
+    interpret=interpret,
+  )(u, delta, A, B, C, D, bias)
 
 
 def _backward(u, delta, A, B, C, D, bias, checkpoints, dy, interpret):
-    from jax.experimental import pallas as pl
+  from jax.experimental import pallas as pl
 
-    seqs, length, inner = u.shape
-    state = A.shape[1]
-    block = _block(inner, BWD_BLOCK)
-    blocks = inner // block
-    seq, tok, mat, vec = _specs(length, inner, state, block)
-    f32 = jnp.float32
-    partial_tok = pl.BlockSpec((None, length, None, state), lambda i, j: (i, 0, j, 0))
-    partial_mat = pl.BlockSpec((None, block, state), lambda i, j: (i, j, 0))
-    chunk = _chunk_size(length)
-    checkpoint_spec = pl.BlockSpec((None, length // chunk, block, state),
-                                   lambda i, j: (i, 0, j, 0))
-    du, ddelta, da, db, dc = pl.pallas_call(
-        functools.partial(_bwd_kernel, length=length, chunk=chunk),
-        out_shape=(
-            jax.ShapeDtypeStruct(u.shape, f32),
-            jax.ShapeDtypeStruct(u.shape, f32),
-            jax.ShapeDtypeStruct((seqs, inner, state), f32),
-            jax.ShapeDtypeStruct((seqs, length, blocks, state), f32),
-            jax.ShapeDtypeStruct((seqs, length, blocks, state), f32),
-        ),
-        grid=(seqs, blocks),
-        in_specs=[seq, seq, mat, tok, tok, vec, vec, checkpoint_spec, seq],
-        out_specs=(seq, seq, partial_mat, partial_tok, partial_tok),
-        compiler_params=None if interpret else _compiler_params(4),
-        interpret=interpret,
-    )(u, delta, A, B, C, D, bias, checkpoints, dy)
-    dy32, u32 = dy.astype(f32), u.astype(f32)
-    return (du.astype(u.dtype), ddelta.astype(delta.dtype), da.sum(0).astype(A.dtype),
-            db.sum(2).astype(B.dtype), dc.sum(2).astype(C.dtype),
-            jnp.sum(dy32 * u32, axis=(0, 1)).astype(D.dtype),
-            ddelta.sum(axis=(0, 1)).astype(bias.dtype))
+  seqs, length, inner = u.shape
+  state = A.shape[1]
+  block = _block(inner, BWD_BLOCK)
+  blocks = inner // block
+  seq, tok, mat, vec = _specs(length, inner, state, block)
+  f32 = jnp.float32
+  partial_tok = pl.BlockSpec((None, length, None, state), lambda i, j: (i, 0, j, 0))
+  partial_mat = pl.BlockSpec((None, block, state), lambda i, j: (i, j, 0))
+  chunk = _chunk_size(length)
+  checkpoint_spec = pl.BlockSpec((None, length // chunk, block, state), lambda i, j: (i, 0, j, 0))
+  du, ddelta, da, db, dc = pl.pallas_call(
+    functools.partial(_bwd_kernel, length=length, chunk=chunk),
+    out_shape=(
+      jax.ShapeDtypeStruct(u.shape, f32),
+      jax.ShapeDtypeStruct(u.shape, f32),
+      jax.ShapeDtypeStruct((seqs, inner, state), f32),
+      jax.ShapeDtypeStruct((seqs, length, blocks, state), f32),
+      jax.ShapeDtypeStruct((seqs, length, blocks, state), f32),
+    ),
+    grid=(seqs, blocks),
+    in_specs=[seq, seq, mat, tok, tok, vec, vec, checkpoint_spec, seq],
+    out_specs=(seq, seq, partial_mat, partial_tok, partial_tok),
+    compiler_params=None if interpret else _compiler_params(4),
+    interpret=interpret,
+  )(u, delta, A, B, C, D, bias, checkpoints, dy)
+  dy32, u32 = dy.astype(f32), u.astype(f32)
+  return (
+    du.astype(u.dtype),
+    ddelta.astype(delta.dtype),
+    da.sum(0).astype(A.dtype),
+    db.sum(2).astype(B.dtype),
+    dc.sum(2).astype(C.dtype),
+    jnp.sum(dy32 * u32, axis=(0, 1)).astype(D.dtype),
+    ddelta.sum(axis=(0, 1)).astype(bias.dtype),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _fused_scan(u, delta, A, B, C, D, bias, interpret):
-    return _forward(u, delta, A, B, C, D, bias, interpret)[0]
+  return _forward(u, delta, A, B, C, D, bias, interpret)[0]
 
 
 def _fused_scan_fwd(u, delta, A, B, C, D, bias, interpret):
-    y, checkpoints = _forward(u, delta, A, B, C, D, bias, interpret)
-    return y, (u, delta, A, B, C, D, bias, checkpoints)
+  y, checkpoints = _forward(u, delta, A, B, C, D, bias, interpret)
+  return y, (u, delta, A, B, C, D, bias, checkpoints)
 
 
 def _fused_scan_bwd(interpret, residuals, dy):
-    return _backward(*residuals, dy, interpret)
+  return _backward(*residuals, dy, interpret)
 
 
 _fused_scan.defvjp(_fused_scan_fwd, _fused_scan_bwd)
 
 
-def selective_scan_fused(u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=True,
-                         interpret: bool = False):
-    """Fused-kernel selective scan with the signature and semantics of ``scan.selective_scan``.
+def selective_scan_fused(
+  u, delta, A, B, C, D=None, delta_bias=None, *, delta_softplus=True, interpret: bool = False
+):
+  """Fused-kernel selective scan with the signature and semantics of ``scan.selective_scan``.
 
-    Leading axes of delta/B/C broadcast against u's. Differentiable (custom VJP with a fused
-    backward kernel). ``interpret=True`` runs the kernels in the Pallas interpreter (any backend).
-    """
-    if not delta_softplus:
-        raise NotImplementedError("the fused scan implements delta_softplus=True only")
-    lead, (length, inner) = u.shape[:-2], u.shape[-2:]
-    state = A.shape[-1]
-    delta = jnp.broadcast_to(delta, lead + (length, inner)).reshape(-1, length, inner)
-    B = jnp.broadcast_to(B, lead + (length, state)).reshape(-1, length, state)
-    C = jnp.broadcast_to(C, lead + (length, state)).reshape(-1, length, state)
-    D = jnp.zeros((inner,), jnp.float32) if D is None else D
-    bias = jnp.zeros((inner,), jnp.float32) if delta_bias is None else delta_bias
-    y = _fused_scan(u.reshape(-1, length, inner), delta, A.astype(jnp.float32), B, C,
-                    D.astype(jnp.float32), bias.astype(jnp.float32), interpret)
-    return y.reshape(u.shape)
+  Leading axes of delta/B/C broadcast against u's. Differentiable (custom VJP with a fused
+  backward kernel). ``interpret=True`` runs the kernels in the Pallas interpreter (any backend).
+  """
+  if not delta_softplus:
+    raise NotImplementedError('the fused scan implements delta_softplus=True only')
+  lead, (length, inner) = u.shape[:-2], u.shape[-2:]
+  state = A.shape[-1]
+  delta = jnp.broadcast_to(delta, lead + (length, inner)).reshape(-1, length, inner)
+  B = jnp.broadcast_to(B, lead + (length, state)).reshape(-1, length, state)
+  C = jnp.broadcast_to(C, lead + (length, state)).reshape(-1, length, state)
+  D = jnp.zeros((inner,), jnp.float32) if D is None else D
+  bias = jnp.zeros((inner,), jnp.float32) if delta_bias is None else delta_bias
+  y = _fused_scan(
+    u.reshape(-1, length, inner),
+    delta,
+    A.astype(jnp.float32),
+    B,
+    C,
+    D.astype(jnp.float32),
+    bias.astype(jnp.float32),
+    interpret,
+  )
+  return y.reshape(u.shape)
 
 
 def fused_scan_supported(length: int, inner: int) -> bool:
-    """Whether the fused kernel applies on this backend and shape (else use 'associative')."""
-    return (jax.default_backend() == "gpu" and length <= MAX_UNROLLED_LENGTH and inner % 8 == 0)
+  """Whether the fused kernel applies on this backend and shape (else use 'associative')."""
+  return jax.default_backend() == 'gpu' and length <= MAX_UNROLLED_LENGTH and inner % 8 == 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -14,248 +15,259 @@ import numpy as np
 
 from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.models.layers import (
-    Downsample,
-    Dtype,
-    FFNBlock,
-    LayerNorm,
-    Stem,
-    dense,
-    normal_init,
+  Downsample,
+  Dtype,
+  FFNBlock,
+  LayerNorm,
+  Stem,
+  dense,
+  normal_init,
 )
 from vcmamba_jax.models.mamba import PlainMambaLayer, ScanMode
 
 
 @dataclasses.dataclass(frozen=True)
 class VariantSpec:
-    depths: tuple[int, int, int, int]
-    widths: tuple[int, int, int, int]
-    num_mamba_layers: int = 4  # upstream `vit_num`: the LAST blocks of stage 4
+  depths: tuple[int, int, int, int]
+  widths: tuple[int, int, int, int]
+  num_mamba_layers: int = 4  # upstream `vit_num`: the LAST blocks of stage 4
 
 
 VARIANTS: dict[str, VariantSpec] = {
-    # Registered upstream as VCMamba_EfficientFormer_{S,M,B}; M mixes l3 depths with l1 widths.
-    "vcmamba_s": VariantSpec(depths=(4, 4, 12, 8), widths=(32, 64, 144, 288)),
-    "vcmamba_m": VariantSpec(depths=(4, 4, 12, 6), widths=(48, 96, 224, 448)),
-    "vcmamba_b": VariantSpec(depths=(4, 4, 12, 6), widths=(64, 128, 320, 512)),
-    # Not a paper variant: a few-hundred-thousand-parameter model for smoke runs and CPU demos.
-    "vcmamba_nano": VariantSpec(depths=(1, 1, 2, 3), widths=(16, 32, 48, 64), num_mamba_layers=2),
+  # Registered upstream as VCMamba_EfficientFormer_{S,M,B}; M mixes l3 depths with l1 widths.
+  'vcmamba_s': VariantSpec(depths=(4, 4, 12, 8), widths=(32, 64, 144, 288)),
+  'vcmamba_m': VariantSpec(depths=(4, 4, 12, 6), widths=(48, 96, 224, 448)),
+  'vcmamba_b': VariantSpec(depths=(4, 4, 12, 6), widths=(64, 128, 320, 512)),
+  # Not a paper variant: a few-hundred-thousand-parameter model for smoke runs and CPU demos.
+  'vcmamba_nano': VariantSpec(depths=(1, 1, 2, 3), widths=(16, 32, 48, 64), num_mamba_layers=2),
 }
 
 
 def grid_size(img_size: int) -> int:
-    """Side of the stride-32 grid (five stride-2 convs with padding 1: ceil at every step)."""
-    size = img_size
-    for _ in range(5):
-        size = (size + 1) // 2
-    return size
+  """Side of the stride-32 grid (five stride-2 convs with padding 1: ceil at every step)."""
+  size = img_size
+  for _ in range(5):
+    size = (size + 1) // 2
+  return size
 
 
 def _torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] interpolation matrix of torch.nn.functional.interpolate(mode='bicubic',
-    align_corners=False) (cubic convolution, a = -0.75, clamped borders)."""
-    a = -0.75
+  """[out, in] interpolation matrix of torch.nn.functional.interpolate(mode='bicubic',
+  align_corners=False) (cubic convolution, a = -0.75, clamped borders)."""
+  a = -0.75
 
-    def cubic(x):
-        x = abs(x)
-        if x <= 1:
-            return ((a + 2) * x - (a + 3)) * x * x + 1
-        if x < 2:
-            return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-        return 0.0
+  def cubic(x):
+    x = abs(x)
+    if x <= 1:
+      return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+      return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
 
-    scale = in_size / out_size
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
-    for i in range(out_size):
-        src = (i + 0.5) * scale - 0.5
-        base = math.floor(src)
-        frac = src - base
-        for k in range(-1, 3):
-            idx = min(max(base + k, 0), in_size - 1)
-            matrix[i, idx] += cubic(k - frac)
-    return matrix
+  scale = in_size / out_size
+  matrix = np.zeros((out_size, in_size), dtype=np.float64)
+  for i in range(out_size):
+    src = (i + 0.5) * scale - 0.5
+    base = math.floor(src)
+    frac = src - base
+    for k in range(-1, 3):
+      idx = min(max(base + k, 0), in_size - 1)
+      matrix[i, idx] += cubic(k - frac)
+  return matrix
 
 
 def resize_pos_embed(pos_embed: jax.Array, new_grid: tuple[int, int]) -> jax.Array:
-    """Bicubic resize of a [1, h, w, C] position embedding to [1, H, W, C].
+  """Bicubic resize of a [1, h, w, C] position embedding to [1, H, W, C].
 
-    Same numbers as torch's ``F.interpolate(mode='bicubic', align_corners=False)`` on the
-    [1, C, h, w] layout (what timm's ``resample_abs_pos_embed`` does). Identity when sizes match.
-    """
-    _, h, w, _ = pos_embed.shape
-    new_h, new_w = new_grid
-    if (h, w) == (new_h, new_w):
-        return pos_embed
-    rows = jnp.asarray(_torch_bicubic_matrix(h, new_h), jnp.float32)
-    cols = jnp.asarray(_torch_bicubic_matrix(w, new_w), jnp.float32)
-    out = jnp.einsum("Hh,Ww,bhwc->bHWc", rows, cols, pos_embed.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
-    return out.astype(pos_embed.dtype)
+  Same numbers as torch's ``F.interpolate(mode='bicubic', align_corners=False)`` on the
+  [1, C, h, w] layout (what timm's ``resample_abs_pos_embed`` does). Identity when sizes match.
+  """
+  _, h, w, _ = pos_embed.shape
+  new_h, new_w = new_grid
+  if (h, w) == (new_h, new_w):
+    return pos_embed
+  rows = jnp.asarray(_torch_bicubic_matrix(h, new_h), jnp.float32)
+  cols = jnp.asarray(_torch_bicubic_matrix(w, new_w), jnp.float32)
+  out = jnp.einsum(
+    'Hh,Ww,bhwc->bHWc',
+    rows,
+    cols,
+    pos_embed.astype(jnp.float32),
+    precision=jax.lax.Precision.HIGHEST,
+  )
+  return out.astype(pos_embed.dtype)
 
 
 class Stage(nn.Module):
-    """A stage of FFN blocks; in the last stage, the final ``num_mamba_layers`` blocks are Mamba
-    layers preceded by the absolute position embedding."""
+  """A stage of FFN blocks; in the last stage, the final ``num_mamba_layers`` blocks are Mamba
+  layers preceded by the absolute position embedding."""
 
-    depth: int
-    num_mamba_layers: int
-    drop_path_rates: Sequence[float]
-    pos_embed_grid: int | None = None
-    scan_mode: ScanMode = "upstream"
-    scan_impl: scan_lib.ScanImpl = "auto"
-    remat_scan: bool = True
-    dtype: Dtype = jnp.float32
+  depth: int
+  num_mamba_layers: int
+  drop_path_rates: Sequence[float]
+  pos_embed_grid: int | None = None
+  scan_mode: ScanMode = 'upstream'
+  scan_impl: scan_lib.ScanImpl = 'auto'
+  remat_scan: bool = True
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        num_ffn = self.depth - self.num_mamba_layers
-        for j in range(num_ffn):
-            x = FFNBlock(drop_path=self.drop_path_rates[j], dtype=self.dtype, name=f"block{j}")(
-                x, train)
-        if self.num_mamba_layers:
-            grid = self.pos_embed_grid
-            pos_embed = self.param("pos_embed", normal_init, (1, grid, grid, x.shape[-1]),
-                                   jnp.float32)
-            pos_embed = resize_pos_embed(pos_embed, x.shape[1:3])
-            x = (x + pos_embed).astype(self.dtype)
-        for j in range(num_ffn, self.depth):
-            x = PlainMambaLayer(drop_path=self.drop_path_rates[j], scan_mode=self.scan_mode,
-                                scan_impl=self.scan_impl, remat_scan=self.remat_scan,
-                                dtype=self.dtype, name=f"block{j}")(x, train)
-        return x
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    num_ffn = self.depth - self.num_mamba_layers
+    for j in range(num_ffn):
+      x = FFNBlock(drop_path=self.drop_path_rates[j], dtype=self.dtype, name=f'block{j}')(x, train)
+    if self.num_mamba_layers:
+      grid = self.pos_embed_grid
+      pos_embed = self.param('pos_embed', normal_init, (1, grid, grid, x.shape[-1]), jnp.float32)
+      pos_embed = resize_pos_embed(pos_embed, x.shape[1:3])
+      x = (x + pos_embed).astype(self.dtype)
+    for j in range(num_ffn, self.depth):
+      x = PlainMambaLayer(
+        drop_path=self.drop_path_rates[j],
+        scan_mode=self.scan_mode,
+        scan_impl=self.scan_impl,
+        remat_scan=self.remat_scan,
+        dtype=self.dtype,
+        name=f'block{j}',
+      )(x, train)
+    return x
 
 
 class VCMamba(nn.Module):
-    """VCMamba classifier.
+  """VCMamba classifier.
 
-    ``__call__(images, train=False)`` takes float NHWC images (already normalised) of any size and
-    returns ``(logits, out)``: logits [B, num_classes] float32 = mean of the two heads (the eval
-    output of the authors' model), and ``out`` with the intermediates ``stem``, ``stage1`` ..
-    ``stage4`` (NHWC), ``pre_logits`` [B, C4], ``logits_head`` and ``logits_dist``.
-    """
+  ``__call__(images, train=False)`` takes float NHWC images (already normalised) of any size and
+  returns ``(logits, out)``: logits [B, num_classes] float32 = mean of the two heads (the eval
+  output of the authors' model), and ``out`` with the intermediates ``stem``, ``stage1`` ..
+  ``stage4`` (NHWC), ``pre_logits`` [B, C4], ``logits_head`` and ``logits_dist``.
+  """
 
-    depths: Sequence[int]
-    widths: Sequence[int]
-    num_mamba_layers: int = 4
-    num_classes: int = 1000
-    img_size: int = 224  # fixes the pos_embed grid: ceil(img_size / 32)
-    drop_path_rate: float = 0.0
-    mlp_ratio: float = 4.0
-    stem_activation: str = "relu"
-    scan_mode: ScanMode = "upstream"
-    scan_impl: scan_lib.ScanImpl = "auto"
-    remat_scan: bool = True
-    dtype: Dtype = jnp.float32
+  depths: Sequence[int]
+  widths: Sequence[int]
+  num_mamba_layers: int = 4
+  num_classes: int = 1000
+  img_size: int = 224  # fixes the pos_embed grid: ceil(img_size / 32)
+  drop_path_rate: float = 0.0
+  mlp_ratio: float = 4.0
+  stem_activation: str = 'relu'
+  scan_mode: ScanMode = 'upstream'
+  scan_impl: scan_lib.ScanImpl = 'auto'
+  remat_scan: bool = True
+  dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
-        _check_images(images)
-        if self.mlp_ratio != 4.0:
-            raise ValueError("only mlp_ratio=4 is implemented (as in every released variant)")
-        total_blocks = sum(self.depths)
-        rates = [self.drop_path_rate * k / max(total_blocks - 1, 1) for k in range(total_blocks)]
-        out: dict[str, Any] = {}
-        x = images.astype(self.dtype)
-        x = Stem(self.widths[0], activation=self.stem_activation, dtype=self.dtype, name="stem")(
-            x, train)
-        out["stem"] = x
-        first = 0
-        for s, (depth, width) in enumerate(zip(self.depths, self.widths), start=1):
-            if s > 1:
-                x = Downsample(width, dtype=self.dtype, name=f"downsample{s}")(x, train)
-            last = s == len(self.depths)
-            x = Stage(
-                depth=depth,
-                num_mamba_layers=self.num_mamba_layers if last else 0,
-                drop_path_rates=tuple(rates[first:first + depth]),
-                pos_embed_grid=grid_size(self.img_size) if last else None,
-                scan_mode=self.scan_mode,
-                scan_impl=self.scan_impl,
-                remat_scan=self.remat_scan,
-                dtype=self.dtype,
-                name=f"stage{s}",
-            )(x, train)
-            first += depth
-            out[f"stage{s}"] = x
-        batch, height, width, channels = x.shape
-        tokens = LayerNorm(dtype=jnp.float32, name="norm")(x.reshape(batch, height * width, channels))
-        features = jnp.mean(tokens, axis=1)
-        out["pre_logits"] = features
-        head = dense(self.num_classes, dtype=jnp.float32, name="head")(features)
-        dist = dense(self.num_classes, dtype=jnp.float32, name="dist_head")(features)
-        out["logits_head"], out["logits_dist"] = head, dist
-        return (head + dist) / 2, out
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+    _check_images(images)
+    if self.mlp_ratio != 4.0:
+      raise ValueError('only mlp_ratio=4 is implemented (as in every released variant)')
+    total_blocks = sum(self.depths)
+    rates = [self.drop_path_rate * k / max(total_blocks - 1, 1) for k in range(total_blocks)]
+    out: dict[str, Any] = {}
+    x = images.astype(self.dtype)
+    x = Stem(self.widths[0], activation=self.stem_activation, dtype=self.dtype, name='stem')(
+      x, train
+    )
+    out['stem'] = x
+    first = 0
+    for s, (depth, width) in enumerate(zip(self.depths, self.widths), start=1):
+      if s > 1:
+        x = Downsample(width, dtype=self.dtype, name=f'downsample{s}')(x, train)
+      last = s == len(self.depths)
+      x = Stage(
+        depth=depth,
+        num_mamba_layers=self.num_mamba_layers if last else 0,
+        drop_path_rates=tuple(rates[first : first + depth]),
+        pos_embed_grid=grid_size(self.img_size) if last else None,
+        scan_mode=self.scan_mode,
+        scan_impl=self.scan_impl,
+        remat_scan=self.remat_scan,
+        dtype=self.dtype,
+        name=f'stage{s}',
+      )(x, train)
+      first += depth
+      out[f'stage{s}'] = x
+    batch, height, width, channels = x.shape
+    tokens = LayerNorm(dtype=jnp.float32, name='norm')(x.reshape(batch, height * width, channels))
+    features = jnp.mean(tokens, axis=1)
+    out['pre_logits'] = features
+    head = dense(self.num_classes, dtype=jnp.float32, name='head')(features)
+    dist = dense(self.num_classes, dtype=jnp.float32, name='dist_head')(features)
+    out['logits_head'], out['logits_dist'] = head, dist
+    return (head + dist) / 2, out
 
 
 def _check_images(images: jax.Array) -> None:
-    shape = getattr(images, "shape", None)
-    if shape is None or len(shape) != 4:
-        raise ValueError(f"expected images of shape [batch, height, width, 3] (NHWC), got {shape}")
-    if shape[-1] != 3:
-        hint = " (looks like NCHW: transpose to NHWC)" if shape[1] == 3 else ""
-        raise ValueError(f"expected 3 channels last (NHWC), got shape {tuple(shape)}{hint}")
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise TypeError(
-            f"expected float images normalised with the ImageNet mean/std, got {images.dtype}; "
-            "convert uint8 images with vcmamba_jax.data.normalize (or (x/255 - mean)/std)")
-    if shape[1] < 32 or shape[2] < 32:
-        raise ValueError(f"images must be at least 32x32, got {shape[1]}x{shape[2]}")
+  shape = getattr(images, 'shape', None)
+  if shape is None or len(shape) != 4:
+    raise ValueError(f'expected images of shape [batch, height, width, 3] (NHWC), got {shape}')
+  if shape[-1] != 3:
+    hint = ' (looks like NCHW: transpose to NHWC)' if shape[1] == 3 else ''
+    raise ValueError(f'expected 3 channels last (NHWC), got shape {tuple(shape)}{hint}')
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise TypeError(
+      f'expected float images normalised with the ImageNet mean/std, got {images.dtype}; '
+      'convert uint8 images with vcmamba_jax.data.normalize (or (x/255 - mean)/std)'
+    )
+  if shape[1] < 32 or shape[2] < 32:
+    raise ValueError(f'images must be at least 32x32, got {shape[1]}x{shape[2]}')
 
 
 def create_model(
-    name: str,
-    *,
-    num_classes: int = 1000,
-    img_size: int = 224,
-    drop_path_rate: float = 0.0,
-    dtype: Dtype = jnp.float32,
-    **kwargs,
+  name: str,
+  *,
+  num_classes: int = 1000,
+  img_size: int = 224,
+  drop_path_rate: float = 0.0,
+  dtype: Dtype = jnp.float32,
+  **kwargs,
 ) -> VCMamba:
-    """Builds a VCMamba variant ('vcmamba_s', 'vcmamba_m', 'vcmamba_b'; 'vcmamba_nano' for tests).
+  """Builds a VCMamba variant ('vcmamba_s', 'vcmamba_m', 'vcmamba_b'; 'vcmamba_nano' for tests).
 
-    Args:
-      num_classes: classifier width (both heads).
-      img_size: training resolution; fixes the pos_embed grid to ceil(img_size / 32). Inputs of
-        other sizes still run (the embedding is resized bicubically on the fly).
-      drop_path_rate: stochastic depth of the last block (linear over all blocks).
-      dtype: compute dtype (e.g. jnp.bfloat16); parameters, norms and the scan state stay float32.
-      **kwargs: other ``VCMamba`` fields: depths, widths, num_mamba_layers, scan_mode
-        ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'fused';
-        'auto' = the fused Pallas kernel on GPUs, else associative_scan), remat_scan,
-        stem_activation.
-    """
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(VARIANTS)}")
-    spec = VARIANTS[name]
-    fields = {f.name for f in dataclasses.fields(VCMamba)} - {"parent", "name"}
-    unknown = set(kwargs) - fields
-    if unknown:
-        raise TypeError(f"unknown model options {sorted(unknown)}; valid: {sorted(fields)}")
-    if isinstance(dtype, str):
-        dtype = jnp.dtype(dtype)
-    config = dict(depths=spec.depths, widths=spec.widths, num_mamba_layers=spec.num_mamba_layers)
-    config.update(kwargs)
-    if config["num_mamba_layers"] > config["depths"][-1]:
-        raise ValueError("num_mamba_layers cannot exceed the depth of the last stage")
-    return VCMamba(num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate,
-                   dtype=dtype, **config)
+  Args:
+    num_classes: classifier width (both heads).
+    img_size: training resolution; fixes the pos_embed grid to ceil(img_size / 32). Inputs of
+      other sizes still run (the embedding is resized bicubically on the fly).
+    drop_path_rate: stochastic depth of the last block (linear over all blocks).
+    dtype: compute dtype (e.g. jnp.bfloat16); parameters, norms and the scan state stay float32.
+    **kwargs: other ``VCMamba`` fields: depths, widths, num_mamba_layers, scan_mode
+      ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'fused';
+      'auto' = the fused Pallas kernel on GPUs, else associative_scan), remat_scan,
+      stem_activation.
+  """
+  if name not in VARIANTS:
+    raise ValueError(f'unknown model {name!r}; available: {sorted(VARIANTS)}')
+  spec = VARIANTS[name]
+  fields = {f.name for f in dataclasses.fields(VCMamba)} - {'parent', 'name'}
+  unknown = set(kwargs) - fields
+  if unknown:
+    raise TypeError(f'unknown model options {sorted(unknown)}; valid: {sorted(fields)}')
+  if isinstance(dtype, str):
+    dtype = jnp.dtype(dtype)
+  config = dict(depths=spec.depths, widths=spec.widths, num_mamba_layers=spec.num_mamba_layers)
+  config.update(kwargs)
+  if config['num_mamba_layers'] > config['depths'][-1]:
+    raise ValueError('num_mamba_layers cannot exceed the depth of the last stage')
+  return VCMamba(
+    num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate, dtype=dtype, **config
+  )
 
 
 def list_models() -> list[str]:
-    return sorted(VARIANTS)
+  return sorted(VARIANTS)
 
 
 def weight_decay_mask(params: Any) -> Any:
-    """True where upstream training applies weight decay.
+  """True where upstream training applies weight decay.
 
-    timm's rule on the PyTorch tensors: no decay for tensors with ndim <= 1 or names ending in
-    '.bias'. So biases, BatchNorm/LayerNorm affines and D are exempt, while A_log [E,16],
-    direction_Bs [5,16], pos_embed and layer_scale_2 (stored [C,1,1] upstream, [C] here) are decayed.
-    """
+  timm's rule on the PyTorch tensors: no decay for tensors with ndim <= 1 or names ending in
+  '.bias'. So biases, BatchNorm/LayerNorm affines and D are exempt, while A_log [E,16],
+  direction_Bs [5,16], pos_embed and layer_scale_2 (stored [C,1,1] upstream, [C] here) are decayed.
+  """
 
-    def decide(path, leaf):
-        name = getattr(path[-1], "key", str(path[-1]))
-        if name == "bias":
-            return False
-        return leaf.ndim > 1 or name == "layer_scale"
+  def decide(path, leaf):
+    name = getattr(path[-1], 'key', str(path[-1]))
+    if name == 'bias':
+      return False
+    return leaf.ndim > 1 or name == 'layer_scale'
 
-    return jax.tree_util.tree_map_with_path(decide, params)
+  return jax.tree_util.tree_map_with_path(decide, params)

@@ -32,16 +32,16 @@ from vcmamba_jax.train import state as state_lib
 # NVIDIA: spec sheets (SXM unless named), fp32 matmuls default to TF32 in XLA. TPU: Cloud TPU docs;
 # fp32 matmuls use bf16 passes by default.
 PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ('H100 PCIe', 756.0, 378.0),
-    ('H100', 989.4, 494.7),
-    ('H200', 989.4, 494.7),
-    ('A100', 312.0, 156.0),
-    ('TPU v4', 275.0, 275.0),
-    ('TPU v5 lite', 197.0, 197.0),  # v5e
-    ('TPU v5e', 197.0, 197.0),
-    ('TPU v5p', 459.0, 459.0),
-    ('TPU v5', 459.0, 459.0),  # v5p reports "TPU v5"
-    ('TPU v6 lite', 918.0, 918.0),  # v6e (Trillium)
+  ('H100 PCIe', 756.0, 378.0),
+  ('H100', 989.4, 494.7),
+  ('H200', 989.4, 494.7),
+  ('A100', 312.0, 156.0),
+  ('TPU v4', 275.0, 275.0),
+  ('TPU v5 lite', 197.0, 197.0),  # v5e
+  ('TPU v5e', 197.0, 197.0),
+  ('TPU v5p', 459.0, 459.0),
+  ('TPU v5', 459.0, 459.0),  # v5p reports "TPU v5"
+  ('TPU v6 lite', 918.0, 918.0),  # v6e (Trillium)
 )
 
 
@@ -80,53 +80,76 @@ def _timed(run_step, steps: int, warmup: int, block) -> float:
 
 def _result(seconds: float, batch: int, flops: float | None, peak: float | None) -> dict[str, Any]:
   images_per_sec = batch / seconds
-  result = {'step_time_s': seconds, 'img_per_sec': images_per_sec,
-            'img_per_sec_per_device': images_per_sec / jax.device_count(),
-            'tflops_per_device': None if flops is None else flops / seconds / 1e12,
-            'mfu': None}
+  result = {
+    'step_time_s': seconds,
+    'img_per_sec': images_per_sec,
+    'img_per_sec_per_device': images_per_sec / jax.device_count(),
+    'tflops_per_device': None if flops is None else flops / seconds / 1e12,
+    'mfu': None,
+  }
   if flops is not None and peak:
     result['mfu'] = flops / seconds / (peak * 1e12)
   return result
 
 
-def benchmark(config: ConfigDict, *, num_steps: int, warmup: int, modes: list[str],
-              peak: float | None = None) -> dict[str, Any]:
+def benchmark(
+  config: ConfigDict, *, num_steps: int, warmup: int, modes: list[str], peak: float | None = None
+) -> dict[str, Any]:
   """Runs the measurements of `modes`; returns a JSON-able dict."""
   mesh = sharding_lib.create_mesh(config.mesh.fsdp)
   device_kind = jax.devices()[0].device_kind
   peak = peak or peak_tflops(device_kind, config.model.dtype)
   try:
-    source = data_lib.get_source(config.data.dataset, config.data.train_split,
-                                 config.data.data_dir)
-    steps_per_epoch = data_lib.train_steps_per_epoch(len(source), config.global_batch_size,
-                                                     config.data.repeated_aug)
+    source = data_lib.get_source(config.data.dataset, config.data.train_split, config.data.data_dir)
+    steps_per_epoch = data_lib.train_steps_per_epoch(
+      len(source), config.global_batch_size, config.data.repeated_aug
+    )
   except (FileNotFoundError, ValueError) as e:  # no dataset here: synthetic measurements only
     source, data_error, steps_per_epoch = None, str(e).splitlines()[0], 1000
   model = trainer.build_model(config)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
   tx = optim.create_optimizer(config, schedule)
   state, shardings = state_lib.create_train_state(
-      model, tx, jax.random.PRNGKey(config.seed), mesh=mesh, image_size=config.model.img_size,
-      use_ema=config.ema_decay > 0, fsdp_min_size=config.mesh.fsdp_min_size)
+    model,
+    tx,
+    jax.random.PRNGKey(config.seed),
+    mesh=mesh,
+    image_size=config.model.img_size,
+    use_ema=config.ema_decay > 0,
+    fsdp_min_size=config.mesh.fsdp_min_size,
+  )
   size = config.model.img_size
   report: dict[str, Any] = {
-      'config': {'model': config.model.name, 'img_size': size, 'dtype': config.model.dtype,
-                 'global_batch_size': config.global_batch_size,
-                 'eval_batch_size': config.eval_batch_size, 'mesh': dict(mesh.shape)},
-      'device': {'kind': device_kind, 'count': jax.device_count(),
-                 'processes': jax.process_count(), 'peak_tflops': peak},
-      'results': {}}
+    'config': {
+      'model': config.model.name,
+      'img_size': size,
+      'dtype': config.model.dtype,
+      'global_batch_size': config.global_batch_size,
+      'eval_batch_size': config.eval_batch_size,
+      'mesh': dict(mesh.shape),
+    },
+    'device': {
+      'kind': device_kind,
+      'count': jax.device_count(),
+      'processes': jax.process_count(),
+      'peak_tflops': peak,
+    },
+    'results': {},
+  }
   results = report['results']
   block = jax.block_until_ready
 
   def synthetic_batch(batch_size: int, with_mask: bool) -> dict[str, jax.Array]:
     def make(key):
-      batch = {'image': jax.random.randint(key, (batch_size, size, size, 3), 0, 256, jnp.uint8),
-               'label': jax.random.randint(key, (batch_size,), 0, config.model.num_classes),
-               'num_skipped': jnp.zeros((batch_size,), jnp.int32)}
+      batch = {
+        'image': jax.random.randint(key, (batch_size, size, size, 3), 0, 256, jnp.uint8),
+        'label': jax.random.randint(key, (batch_size,), 0, config.model.num_classes),
+        'num_skipped': jnp.zeros((batch_size,), jnp.int32),
+      }
       if with_mask:
         batch['mask'] = jnp.ones((batch_size,), bool)
       return batch
+
     return jax.jit(make, out_shardings=sharding_lib.batch_sharding(mesh))(jax.random.PRNGKey(1))
 
   train_step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings)
@@ -140,6 +163,7 @@ def benchmark(config: ConfigDict, *, num_steps: int, warmup: int, modes: list[st
     def run_train():
       holder['state'], metrics = compiled_train(holder['state'], batch)
       return metrics
+
     seconds = _timed(run_train, num_steps, warmup, block)
     state = holder['state']
     results['train_synthetic'] = _result(seconds, config.global_batch_size, train_flops, peak)
@@ -148,7 +172,8 @@ def benchmark(config: ConfigDict, *, num_steps: int, warmup: int, modes: list[st
   if 'eval_synthetic' in modes:
     weights = {'': state.variables()}
     eval_step = trainer.jit_eval_step(
-        model, mesh, {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}})
+      model, mesh, {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
+    )
     eval_batch = synthetic_batch(config.eval_batch_size, with_mask=True)
     sums = jax.device_put(steps.init_eval_sums(['']), sharding_lib.replicated(mesh))
     compiled_eval = eval_step.lower(weights, eval_batch, sums).compile()
@@ -157,9 +182,11 @@ def benchmark(config: ConfigDict, *, num_steps: int, warmup: int, modes: list[st
     def run_eval():
       holder['sums'] = compiled_eval(weights, eval_batch, holder['sums'])
       return holder['sums']
+
     seconds = _timed(run_eval, num_steps, warmup, block)
-    results['eval_synthetic'] = _result(seconds, config.eval_batch_size,
-                                        _flops_per_device(compiled_eval), peak)
+    results['eval_synthetic'] = _result(
+      seconds, config.eval_batch_size, _flops_per_device(compiled_eval), peak
+    )
     results['eval_synthetic']['peak_memory_bytes'] = _peak_memory_bytes()
 
   if source is None:
@@ -171,17 +198,21 @@ def benchmark(config: ConfigDict, *, num_steps: int, warmup: int, modes: list[st
     try:
       if 'pipeline' in modes:
         throughput = data_lib.measure_throughput(iterator, num_steps, warmup_batches=warmup)
-        results['pipeline'] = {'img_per_sec_per_host': throughput['images_per_sec'],
-                               'batches_per_sec': throughput['batches_per_sec']}
+        results['pipeline'] = {
+          'img_per_sec_per_host': throughput['images_per_sec'],
+          'batches_per_sec': throughput['batches_per_sec'],
+        }
       if 'train_real' in modes:
         holder = {'state': state}
 
         def run_real():
           host_batch = next(iterator)
           global_batch = sharding_lib.make_global_batch(
-              mesh, {k: host_batch[k] for k in trainer.TRAIN_KEYS})
+            mesh, {k: host_batch[k] for k in trainer.TRAIN_KEYS}
+          )
           holder['state'], metrics = compiled_train(holder['state'], global_batch)
           return metrics
+
         seconds = _timed(run_real, num_steps, warmup, block)
         results['train_real'] = _result(seconds, config.global_batch_size, train_flops, peak)
     finally:
@@ -192,20 +223,26 @@ def benchmark(config: ConfigDict, *, num_steps: int, warmup: int, modes: list[st
 def format_table(report: dict[str, Any]) -> str:
   """A short fixed-width table of the results."""
   config, device = report['config'], report['device']
-  title = (f"{config['model']} {config['img_size']}px {config['dtype']} on {device['count']}x "
-           f"{device['kind']} (peak {device['peak_tflops'] or '?'} TFLOP/s)")
-  header = (f"{'measurement':<16}{'img/s':>10}{'img/s/dev':>11}{'step ms':>10}{'MFU':>8}"
-            f"{'peak mem GiB':>14}")
+  title = (
+    f'{config["model"]} {config["img_size"]}px {config["dtype"]} on {device["count"]}x '
+    f'{device["kind"]} (peak {device["peak_tflops"] or "?"} TFLOP/s)'
+  )
+  header = (
+    f'{"measurement":<16}{"img/s":>10}{"img/s/dev":>11}{"step ms":>10}{"MFU":>8}'
+    f'{"peak mem GiB":>14}'
+  )
   lines = [title, header]
   for name, r in report['results'].items():
     if 'skipped' in r:
       lines.append(f'{name:<16}skipped: {r["skipped"]}')
     elif name == 'pipeline':
-      lines.append(f"{name:<16}{r['img_per_sec_per_host']:>10.1f}   (per host, no device work)")
+      lines.append(f'{name:<16}{r["img_per_sec_per_host"]:>10.1f}   (per host, no device work)')
     else:
-      mfu = '-' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"
+      mfu = '-' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'
       mem = r.get('peak_memory_bytes')
-      mem = '-' if mem is None else f'{mem / 2 ** 30:.2f}'
-      lines.append(f"{name:<16}{r['img_per_sec']:>10.1f}{r['img_per_sec_per_device']:>11.1f}"
-                   f"{1000 * r['step_time_s']:>10.1f}{mfu:>8}{mem:>14}")
+      mem = '-' if mem is None else f'{mem / 2**30:.2f}'
+      lines.append(
+        f'{name:<16}{r["img_per_sec"]:>10.1f}{r["img_per_sec_per_device"]:>11.1f}'
+        f'{1000 * r["step_time_s"]:>10.1f}{mfu:>8}{mem:>14}'
+      )
   return '\n'.join(lines)

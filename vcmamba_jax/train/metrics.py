@@ -43,10 +43,16 @@ class MetricWriter:
     row.update({k: _to_python(v) for k, v in metrics.items()})
     self._jsonl.write(json.dumps(row) + '\n')
     self._jsonl.flush()
-    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in row.items()
-              if k != 'step' and isinstance(v, (int, float))]
-    self._events.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                           summary=summary_pb2.Summary(value=values)))
+    values = [
+      summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+      for k, v in row.items()
+      if k != 'step' and isinstance(v, (int, float))
+    ]
+    self._events.add_event(
+      event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)
+      )
+    )
     self._events.flush()
 
   def close(self) -> None:
@@ -111,8 +117,11 @@ class Chrono:
     self.step_time = (now - self._last_time - self._paused) / (step - self._last_step)
     self._last_step, self._last_time, self._paused = step, now, 0.0
     images_per_sec = self.global_batch_size / self.step_time
-    return {'step_time': self.step_time, 'img_per_sec': images_per_sec,
-            'img_per_sec_per_device': images_per_sec / jax.device_count()}
+    return {
+      'step_time': self.step_time,
+      'img_per_sec': images_per_sec,
+      'img_per_sec_per_device': images_per_sec / jax.device_count(),
+    }
 
   def eta_seconds(self, step: int) -> float | None:
     return None if self.step_time is None else self.step_time * (self.total_steps - step)
@@ -126,18 +135,19 @@ def format_duration(seconds: float | None) -> str:
   return f'{hours}:{rest // 60:02d}:{rest % 60:02d}' if hours else f'{rest // 60}:{rest % 60:02d}'
 
 
-def log_progress(step: int, total_steps: int, epoch: float, metrics: Mapping[str, Any],
-                 eta_seconds: float | None) -> None:
+def log_progress(
+  step: int, total_steps: int, epoch: float, metrics: Mapping[str, Any], eta_seconds: float | None
+) -> None:
   """One console line: step/total, epoch, loss, lr, img/s, ETA."""
   parts = [f'step {step}/{total_steps}', f'epoch {epoch:.2f}']
   if 'train/loss' in metrics:
-    parts.append(f"loss {metrics['train/loss']:.4f}")
+    parts.append(f'loss {metrics["train/loss"]:.4f}')
   if 'train/lr' in metrics:
-    parts.append(f"lr {metrics['train/lr']:.3g}")
+    parts.append(f'lr {metrics["train/lr"]:.3g}')
   if 'train/img_per_sec' in metrics:
-    parts.append(f"{metrics['train/img_per_sec']:.1f} img/s")
+    parts.append(f'{metrics["train/img_per_sec"]:.1f} img/s')
   if metrics.get('train/skipped_updates'):
-    parts.append(f"skipped updates {metrics['train/skipped_updates']}")
+    parts.append(f'skipped updates {metrics["train/skipped_updates"]}')
   parts.append(f'ETA {format_duration(eta_seconds)}')
   logging.info(' | '.join(parts))
 
@@ -148,8 +158,9 @@ class _LibraryInfoFilter(std_logging.Filter):
   LIBRARIES = ('/orbax/', '/grain/', '/tensorflow_datasets/')
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return (record.levelno >= std_logging.WARNING
-            or not any(lib in record.pathname for lib in self.LIBRARIES))
+    return record.levelno >= std_logging.WARNING or not any(
+      lib in record.pathname for lib in self.LIBRARIES
+    )
 
 
 def quiet_library_logs() -> None:

@@ -16,12 +16,18 @@ Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
 def peak_learning_rate(config: ConfigDict) -> float:
   """base_lr scaled linearly with the global batch (DeiT: lr * batch / 512)."""
-  return (config.optimizer.base_lr * config.global_batch_size
-          / config.optimizer.base_batch_size)
+  return config.optimizer.base_lr * config.global_batch_size / config.optimizer.base_batch_size
 
 
-def timm_cosine_lr(epoch: jnp.ndarray | float, *, peak_lr: float, warmup_epochs: float,
-                   warmup_lr: float, min_lr: float, decay_epochs: float) -> jnp.ndarray:
+def timm_cosine_lr(
+  epoch: jnp.ndarray | float,
+  *,
+  peak_lr: float,
+  warmup_epochs: float,
+  warmup_lr: float,
+  min_lr: float,
+  decay_epochs: float,
+) -> jnp.ndarray:
   """timm `CosineLRScheduler._get_lr(t)` (warmup_prefix=False, one cycle) at epoch `t`.
 
   f(t) = warmup_lr + t * (peak - warmup_lr) / warmup_epochs   for t < warmup_epochs
@@ -47,8 +53,13 @@ def learning_rate_schedule(config: ConfigDict, steps_per_epoch: int) -> Schedule
   """
   s = config.schedule
   f = lambda t: timm_cosine_lr(
-      t, peak_lr=peak_learning_rate(config), warmup_epochs=s.warmup_epochs,
-      warmup_lr=s.warmup_lr, min_lr=s.min_lr, decay_epochs=s.decay_epochs)
+    t,
+    peak_lr=peak_learning_rate(config),
+    warmup_epochs=s.warmup_epochs,
+    warmup_lr=s.warmup_lr,
+    min_lr=s.min_lr,
+    decay_epochs=s.decay_epochs,
+  )
 
   if s.per_step:
     return lambda count: f(jnp.asarray(count, jnp.float32) / steps_per_epoch)
@@ -69,8 +80,9 @@ def create_optimizer(config: ConfigDict, schedule: Schedule) -> optax.GradientTr
   direction_Bs, layer_scale and pos_embed (`vcmamba_jax.models.weight_decay_mask`).
   """
   o = config.optimizer
-  adamw = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                      mask=weight_decay_mask)
+  adamw = optax.adamw(
+    schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=weight_decay_mask
+  )
   if o.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), adamw)
   return adamw

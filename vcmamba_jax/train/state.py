@@ -29,6 +29,7 @@ class TrainState:
     rng: raw uint32 [2] PRNG key; step s draws its randomness from fold_in(rng, s).
     skipped_updates: int32 [], non-finite updates that were not applied.
   """
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -60,40 +61,48 @@ def _init_compiler_options() -> dict[str, Any] | None:
   return {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
 
 
-def make_initializer(model: nn.Module, tx: optax.GradientTransformation, *, image_size: int,
-                     use_ema: bool) -> Callable[[jax.Array], TrainState]:
+def make_initializer(
+  model: nn.Module, tx: optax.GradientTransformation, *, image_size: int, use_ema: bool
+) -> Callable[[jax.Array], TrainState]:
   """`init(rng) -> TrainState`: model init at `image_size`, fresh optimizer state, EMA = weights."""
 
   def init(rng: jax.Array) -> TrainState:
     params_rng, state_rng = jax.random.split(rng)
-    variables = model.init({'params': params_rng},
-                           jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+    variables = model.init(
+      {'params': params_rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False
+    )
     params, batch_stats = variables['params'], variables.get('batch_stats', {})
     ema = {'params': params, 'batch_stats': batch_stats} if use_ema else {}
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-        opt_state=tx.init(params), ema=ema, rng=state_rng,
-        skipped_updates=jnp.zeros((), jnp.int32))
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=tx.init(params),
+      ema=ema,
+      rng=state_rng,
+      skipped_updates=jnp.zeros((), jnp.int32),
+    )
 
   return init
 
 
-def init_sharded(init: Callable[[jax.Array], TrainState], rng: jax.Array,
-                 shardings: TrainState) -> TrainState:
+def init_sharded(
+  init: Callable[[jax.Array], TrainState], rng: jax.Array, shardings: TrainState
+) -> TrainState:
   """Runs `init` as one jitted program whose outputs are created directly with `shardings`:
   each device only ever holds its own shards and no parameter passes through host memory."""
   return jax.jit(init, out_shardings=shardings, compiler_options=_init_compiler_options())(rng)
 
 
 def create_train_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    rng: jax.Array,
-    *,
-    mesh: Mesh,
-    image_size: int,
-    use_ema: bool,
-    fsdp_min_size: int = 0,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  rng: jax.Array,
+  *,
+  mesh: Mesh,
+  image_size: int,
+  use_ema: bool,
+  fsdp_min_size: int = 0,
 ) -> tuple[TrainState, TrainState]:
   """Shape-first sharded init: `jax.eval_shape` (no FLOPs, no memory), shardings from the
   shapes, then `init_sharded`.
@@ -111,6 +120,7 @@ def put_variables(variables: dict[str, Any], shardings: dict[str, Any]) -> dict[
 
   Works on every process of a multi-host job as long as each passes the same values.
   """
+
   def put(value, sharding):
     host = np.asarray(jax.device_get(value), np.float32)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
@@ -118,13 +128,16 @@ def put_variables(variables: dict[str, Any], shardings: dict[str, Any]) -> dict[
   return jax.tree.map(put, variables, shardings)
 
 
-def with_pretrained(state: TrainState, shardings: TrainState,
-                    variables: dict[str, Any]) -> TrainState:
+def with_pretrained(
+  state: TrainState, shardings: TrainState, variables: dict[str, Any]
+) -> TrainState:
   """`state` with its weights (and EMA) replaced by pretrained `variables` of the same shapes."""
   params = put_variables(variables['params'], shardings.params)
   batch_stats = put_variables(variables['batch_stats'], shardings.batch_stats)
   ema = {}
   if state.ema:
-    ema = {'params': put_variables(variables['params'], shardings.ema['params']),
-           'batch_stats': put_variables(variables['batch_stats'], shardings.ema['batch_stats'])}
+    ema = {
+      'params': put_variables(variables['params'], shardings.ema['params']),
+      'batch_stats': put_variables(variables['batch_stats'], shardings.ema['batch_stats']),
+    }
   return state.replace(params=params, batch_stats=batch_stats, ema=ema)

@@ -30,8 +30,9 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
   return -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
 
 
-def two_head_loss(out: Mapping[str, jax.Array], targets: jax.Array,
-                  dist_head_weight: float) -> jax.Array:
+def two_head_loss(
+  out: Mapping[str, jax.Array], targets: jax.Array, dist_head_weight: float
+) -> jax.Array:
   """(1 - w) * CE(head) + w * CE(dist_head), each averaged over the batch (float32 scalar).
 
   With w = 0.5 and one-hot targets this is the loss of the golden reference tests; it stands in
@@ -57,20 +58,27 @@ def augment_batch(rng: jax.Array, batch: Batch, config: ConfigDict) -> tuple[jax
   erase_rng, mix_rng = jax.random.split(rng)
   images = data_lib.normalize(batch['image'])
   if aug.random_erasing_prob > 0:
-    images = data_lib.random_erasing(erase_rng, images, prob=aug.random_erasing_prob,
-                                       mode=aug.random_erasing_mode)
+    images = data_lib.random_erasing(
+      erase_rng, images, prob=aug.random_erasing_prob, mode=aug.random_erasing_mode
+    )
   return data_lib.mixup_cutmix(
-      mix_rng, images, batch['label'], num_classes=config.model.num_classes,
-      mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
-      switch_prob=aug.mixup_switch_prob, prob=aug.mixup_prob,
-      label_smoothing=aug.label_smoothing)
+    mix_rng,
+    images,
+    batch['label'],
+    num_classes=config.model.num_classes,
+    mixup_alpha=aug.mixup_alpha,
+    cutmix_alpha=aug.cutmix_alpha,
+    switch_prob=aug.mixup_switch_prob,
+    prob=aug.mixup_prob,
+    label_smoothing=aug.label_smoothing,
+  )
 
 
 def make_train_step(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    schedule: Schedule,
-    config: ConfigDict,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  schedule: Schedule,
+  config: ConfigDict,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Returns `train_step(state, batch) -> (state, metrics)`.
 
@@ -93,8 +101,12 @@ def make_train_step(
 
     def loss_fn(params):
       (_, out), updates = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-          mutable=['batch_stats'], rngs={'drop_path': drop_path_rng})
+        {'params': params, 'batch_stats': state.batch_stats},
+        images,
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'drop_path': drop_path_rng},
+      )
       loss = two_head_loss(out, targets, dist_head_weight)
       if nan_at_step > 0:  # fault injection (tests): a NaN loss and NaN gradients at that step
         loss = loss * jnp.where(state.step + 1 == nan_at_step, jnp.nan, 1.0)
@@ -114,18 +126,21 @@ def make_train_step(
     # the optimizer's step counts, still advance so that the lr schedule stays on the step.
     # Whether the run then stops (default) or goes on is the host's decision, at the next check.
     new = jax.tree.map(
-        lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(update_ok, n, o),
-        new, state)
-    new = new.replace(step=state.step + 1,
-                      skipped_updates=state.skipped_updates + (~update_ok).astype(jnp.int32))
+      lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(update_ok, n, o),
+      new,
+      state,
+    )
+    new = new.replace(
+      step=state.step + 1, skipped_updates=state.skipped_updates + (~update_ok).astype(jnp.int32)
+    )
 
     metrics = {
-        'loss': loss,
-        'grad_norm': grad_norm,
-        'param_norm': optax.tree.norm(new.params),
-        'lr': jnp.asarray(schedule(state.step), jnp.float32),
-        'update_ok': update_ok,
-        'skipped_updates': new.skipped_updates,
+      'loss': loss,
+      'grad_norm': grad_norm,
+      'param_norm': optax.tree.norm(new.params),
+      'lr': jnp.asarray(schedule(state.step), jnp.float32),
+      'update_ok': update_ok,
+      'skipped_updates': new.skipped_updates,
     }
     if 'num_skipped' in batch:
       metrics['skipped_records'] = jnp.sum(batch['num_skipped'])
@@ -139,8 +154,9 @@ def make_train_step(
 # ------------------------------------------------------------------------------------------------
 
 
-def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array,
-                        top_k: int = 5) -> dict[str, jax.Array]:
+def classification_sums(
+  logits: jax.Array, labels: jax.Array, mask: jax.Array, top_k: int = 5
+) -> dict[str, jax.Array]:
   """Masked sums over a batch: correct top-1 / top-k (int32) and cross-entropy (float32).
 
   Ties go to the lower class index (as argmax and lax.top_k). Rows with mask False (padding)
@@ -153,9 +169,9 @@ def classification_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array,
   hit = top == labels[:, None]
   loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
   return {
-      'top1_correct': jnp.sum(hit[:, 0] & mask, dtype=jnp.int32),
-      'top5_correct': jnp.sum(jnp.any(hit, axis=-1) & mask, dtype=jnp.int32),
-      'loss_sum': jnp.sum(jnp.where(mask, loss, 0.0)),
+    'top1_correct': jnp.sum(hit[:, 0] & mask, dtype=jnp.int32),
+    'top5_correct': jnp.sum(jnp.any(hit, axis=-1) & mask, dtype=jnp.int32),
+    'loss_sum': jnp.sum(jnp.where(mask, loss, 0.0)),
   }
 
 
@@ -170,9 +186,12 @@ def make_eval_step(model: nn.Module) -> Callable[[dict[str, Any], Batch, Metrics
 
   def eval_step(weights: dict[str, Any], batch: Batch, sums: Metrics) -> Metrics:
     images = data_lib.normalize(batch['image'])
-    new = {'num_examples': jnp.sum(batch['mask'], dtype=jnp.int32),
-           'skipped_records': jnp.sum(batch.get('num_skipped', jnp.zeros((), jnp.int32)),
-                                      dtype=jnp.int32)}
+    new = {
+      'num_examples': jnp.sum(batch['mask'], dtype=jnp.int32),
+      'skipped_records': jnp.sum(
+        batch.get('num_skipped', jnp.zeros((), jnp.int32)), dtype=jnp.int32
+      ),
+    }
     for name, variables in weights.items():
       logits, _ = model.apply(variables, images, train=False)
       for key, value in classification_sums(logits, batch['label'], batch['mask']).items():

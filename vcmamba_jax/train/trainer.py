@@ -86,8 +86,9 @@ def initialize_distributed(mode: str = 'auto') -> bool:
     return False
   env = os.environ
   if env.get('JAX_NUM_PROCESSES') and env.get('JAX_PROCESS_ID'):  # explicit, e.g. hand-launched
-    jax.distributed.initialize(num_processes=int(env['JAX_NUM_PROCESSES']),
-                               process_id=int(env['JAX_PROCESS_ID']))
+    jax.distributed.initialize(
+      num_processes=int(env['JAX_NUM_PROCESSES']), process_id=int(env['JAX_PROCESS_ID'])
+    )
   else:  # cluster auto-detection: SLURM, Open MPI, Cloud TPU, Kubernetes
     jax.distributed.initialize()
   logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
@@ -102,9 +103,14 @@ def initialize_distributed(mode: str = 'auto') -> bool:
 def model_kwargs(config: ConfigDict) -> dict[str, Any]:
   """`create_model` options from `config.model` (everything but the name)."""
   m = config.model
-  return {'num_classes': m.num_classes, 'img_size': m.img_size,
-          'drop_path_rate': m.drop_path_rate, 'dtype': jnp.dtype(m.dtype),
-          'scan_impl': m.scan_impl, 'remat_scan': m.remat_scan}
+  return {
+    'num_classes': m.num_classes,
+    'img_size': m.img_size,
+    'drop_path_rate': m.drop_path_rate,
+    'dtype': jnp.dtype(m.dtype),
+    'scan_impl': m.scan_impl,
+    'remat_scan': m.remat_scan,
+  }
 
 
 def build_model(config: ConfigDict) -> nn.Module:
@@ -115,48 +121,76 @@ def check_num_classes(config: ConfigDict) -> None:
   num_classes = data_lib.get_num_classes(config.data.dataset, config.data.data_dir)
   if num_classes != config.model.num_classes:
     raise ValueError(
-        f'config.model.num_classes={config.model.num_classes} but {config.data.dataset} has '
-        f'{num_classes} classes; pass --config.model.num_classes={num_classes}.')
+      f'config.model.num_classes={config.model.num_classes} but {config.data.dataset} has '
+      f'{num_classes} classes; pass --config.model.num_classes={num_classes}.'
+    )
 
 
 def make_train_dataset(config: ConfigDict, source: Any) -> grain.IterDataset:
   d = config.data
   transform = data_lib.TrainTransform(
-      config.model.img_size, scale=tuple(d.rrc_scale), hflip_prob=d.hflip_prob,
-      randaugment=d.randaugment or None, interpolation=d.interpolation)
+    config.model.img_size,
+    scale=tuple(d.rrc_scale),
+    hflip_prob=d.hflip_prob,
+    randaugment=d.randaugment or None,
+    interpolation=d.interpolation,
+  )
   return data_lib.create_train_dataset(
-      source=source, global_batch_size=config.global_batch_size,
-      image_size=config.model.img_size, seed=config.seed, repeated_aug=d.repeated_aug,
-      num_workers=d.num_workers, num_threads=d.num_threads,
-      prefetch_batches=d.prefetch_batches, transform=transform)
+    source=source,
+    global_batch_size=config.global_batch_size,
+    image_size=config.model.img_size,
+    seed=config.seed,
+    repeated_aug=d.repeated_aug,
+    num_workers=d.num_workers,
+    num_threads=d.num_threads,
+    prefetch_batches=d.prefetch_batches,
+    transform=transform,
+  )
 
 
 def make_eval_dataset(config: ConfigDict) -> grain.IterDataset:
   d = config.data
   return data_lib.create_eval_dataset(
-      source=data_lib.get_source(d.dataset, d.eval_split, d.data_dir),
-      global_batch_size=config.eval_batch_size, image_size=config.model.img_size,
-      crop_pct=d.eval_crop_pct, num_workers=d.num_workers, num_threads=d.num_threads)
+    source=data_lib.get_source(d.dataset, d.eval_split, d.data_dir),
+    global_batch_size=config.eval_batch_size,
+    image_size=config.model.img_size,
+    crop_pct=d.eval_crop_pct,
+    num_workers=d.num_workers,
+    num_threads=d.num_threads,
+  )
 
 
-def jit_train_step(model: nn.Module, tx, schedule: optim.Schedule, config: ConfigDict, mesh: Mesh,
-                   shardings: state_lib.TrainState):
+def jit_train_step(
+  model: nn.Module,
+  tx,
+  schedule: optim.Schedule,
+  config: ConfigDict,
+  mesh: Mesh,
+  shardings: state_lib.TrainState,
+):
   """`train_step(state, batch) -> (state, metrics)` with explicit shardings, state donated."""
-  return jax.jit(steps.make_train_step(model, tx, schedule, config),
-                 in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+  return jax.jit(
+    steps.make_train_step(model, tx, schedule, config),
+    in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+    out_shardings=(shardings, sharding_lib.replicated(mesh)),
+    donate_argnums=(0,),
+  )
 
 
 def jit_eval_step(model: nn.Module, mesh: Mesh, weight_shardings: Mapping[str, Any]):
   """`eval_step(weights, batch, sums) -> sums` with explicit shardings (sums donated)."""
   replicated = sharding_lib.replicated(mesh)
-  return jax.jit(steps.make_eval_step(model),
-                 in_shardings=(weight_shardings, sharding_lib.batch_sharding(mesh), replicated),
-                 out_shardings=replicated, donate_argnums=(2,))
+  return jax.jit(
+    steps.make_eval_step(model),
+    in_shardings=(weight_shardings, sharding_lib.batch_sharding(mesh), replicated),
+    out_shardings=replicated,
+    donate_argnums=(2,),
+  )
 
 
-def run_evaluation(eval_step, weights: Mapping[str, Any], dataset: grain.IterDataset,
-                   mesh: Mesh) -> dict[str, float]:
+def run_evaluation(
+  eval_step, weights: Mapping[str, Any], dataset: grain.IterDataset, mesh: Mesh
+) -> dict[str, float]:
   """One exact pass over the eval split for every weight set: top1/top5/loss (+ ema_*)."""
   sums = jax.device_put(steps.init_eval_sums(list(weights)), sharding_lib.replicated(mesh))
   iterator = iter(dataset)
@@ -169,8 +203,14 @@ def run_evaluation(eval_step, weights: Mapping[str, Any], dataset: grain.IterDat
   return steps.summarize_eval(jax.device_get(sums))
 
 
-def load_weights(path: str, model: nn.Module, config: ConfigDict, *, with_ema: bool = False,
-                 reinit_heads: bool = False) -> tuple[dict[str, Any], str]:
+def load_weights(
+  path: str,
+  model: nn.Module,
+  config: ConfigDict,
+  *,
+  with_ema: bool = False,
+  reinit_heads: bool = False,
+) -> tuple[dict[str, Any], str]:
   """Weights from one of our checkpoints, an exported model dir or a PyTorch file, fitted to
   `model`: pos_embed resized to its resolution and, with `reinit_heads` (fine-tuning), heads
   re-initialised where num_classes differs (otherwise that is an error).
@@ -183,8 +223,9 @@ def load_weights(path: str, model: nn.Module, config: ConfigDict, *, with_ema: b
 
   state_dir = checkpoint_lib.find_training_checkpoint(path)
   if state_dir is None:
-    _, variables = convert.load_pretrained(path, config.model.name, reinit_heads=reinit_heads,
-                                           **model_kwargs(config))
+    _, variables = convert.load_pretrained(
+      path, config.model.name, reinit_heads=reinit_heads, **model_kwargs(config)
+    )
     return {'': variables}, f'pretrained weights {path}'
   tree = checkpoint_lib.read_training_weights(state_dir)
   sets = {'': {'params': tree['params'], 'batch_stats': tree['batch_stats']}}
@@ -192,8 +233,9 @@ def load_weights(path: str, model: nn.Module, config: ConfigDict, *, with_ema: b
     sets['ema'] = tree['ema']
   adapted = {}
   for name, variables in sets.items():
-    adapted[name], reinitialised = convert.adapt_variables(variables, model,
-                                                           reinit_heads=reinit_heads)
+    adapted[name], reinitialised = convert.adapt_variables(
+      variables, model, reinit_heads=reinit_heads
+    )
     if reinitialised:
       logging.info('Re-initialised %s (num_classes differs from %s).', reinitialised, path)
   return adapted, f'checkpoint {os.path.dirname(state_dir)}'
@@ -210,8 +252,10 @@ def _check_batch_sizes(config: ConfigDict) -> None:
   for name in ('global_batch_size', 'eval_batch_size'):
     size = config[name]
     if size <= 0 or size % jax.device_count():
-      raise ValueError(f'config.{name}={size} must be a positive multiple of the number of '
-                       f'devices ({jax.device_count()}).')
+      raise ValueError(
+        f'config.{name}={size} must be a positive multiple of the number of '
+        f'devices ({jax.device_count()}).'
+      )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,19 +279,32 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   # Mesh and input pipeline.
   # ----------------------------------------------------------------------------------------------
   mesh = sharding_lib.create_mesh(config.mesh.fsdp)
-  logging.info('%d processes, %d devices (%s), mesh %s', jax.process_count(), jax.device_count(),
-               jax.devices()[0].device_kind, dict(mesh.shape))
+  logging.info(
+    '%d processes, %d devices (%s), mesh %s',
+    jax.process_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+    dict(mesh.shape),
+  )
   check_num_classes(config)
-  train_source = data_lib.get_source(config.data.dataset, config.data.train_split,
-                                     config.data.data_dir)
-  steps_per_epoch = data_lib.train_steps_per_epoch(len(train_source), config.global_batch_size,
-                                                   config.data.repeated_aug)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else config.num_epochs * steps_per_epoch)
+  train_source = data_lib.get_source(
+    config.data.dataset, config.data.train_split, config.data.data_dir
+  )
+  steps_per_epoch = data_lib.train_steps_per_epoch(
+    len(train_source), config.global_batch_size, config.data.repeated_aug
+  )
+  total_steps = (
+    config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
+  )
   train_iter = iter(make_train_dataset(config, train_source))
   eval_dataset = make_eval_dataset(config)
-  logging.info('%d train records, %d steps per epoch, %d steps in total (%.2f epochs).',
-               len(train_source), steps_per_epoch, total_steps, total_steps / steps_per_epoch)
+  logging.info(
+    '%d train records, %d steps per epoch, %d steps in total (%.2f epochs).',
+    len(train_source),
+    steps_per_epoch,
+    total_steps,
+    total_steps / steps_per_epoch,
+  )
 
   # ----------------------------------------------------------------------------------------------
   # Model, optimizer and the sharded state: restored, pretrained or fresh.
@@ -255,8 +312,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   model = build_model(config)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
   tx = optim.create_optimizer(config, schedule)
-  init = state_lib.make_initializer(model, tx, image_size=config.model.img_size,
-                                    use_ema=config.ema_decay > 0)
+  init = state_lib.make_initializer(
+    model, tx, image_size=config.model.img_size, use_ema=config.ema_decay > 0
+  )
   rng = jax.random.PRNGKey(config.seed)
   abstract_state = jax.eval_shape(init, rng)
   shardings = sharding_lib.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
@@ -309,12 +367,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     if not config.skip_nonfinite_updates:
       _raise_if_diverged(step_ids, fetched, last_checked, manager)
     last_checked = step
-    logged = {'epoch': step / steps_per_epoch,
-              **{f'train/{k}': v for k, v in _average(fetched).items()},
-              **{f'train/{k}': v for k, v in chrono.measure(step).items()}}
+    logged = {
+      'epoch': step / steps_per_epoch,
+      **{f'train/{k}': v for k, v in _average(fetched).items()},
+      **{f'train/{k}': v for k, v in chrono.measure(step).items()},
+    }
     writer.write(step, logged)
-    metrics_lib.log_progress(step, total_steps, step / steps_per_epoch, logged,
-                             chrono.eta_seconds(step))
+    metrics_lib.log_progress(
+      step, total_steps, step / steps_per_epoch, logged, chrono.eta_seconds(step)
+    )
     return logged
 
   try:
@@ -336,8 +397,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
         preempted = preemption.reached(step)
         is_last = step == total_steps
         epoch_done, epoch = step % steps_per_epoch == 0, step // steps_per_epoch
-        do_eval = is_last or (epoch_done and config.eval_every_epochs > 0
-                              and epoch % config.eval_every_epochs == 0)
+        do_eval = is_last or (
+          epoch_done and config.eval_every_epochs > 0 and epoch % config.eval_every_epochs == 0
+        )
         do_save = is_last or preempted or step % config.checkpoint_every_steps == 0
         if do_eval or do_save or step % config.log_every_steps == 0:
           summary.update(flush(step))  # checks for NaN/Inf before anything is saved
@@ -346,8 +408,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
           checkpoint_lib.save(manager, step, state, train_iter)
         if preempted:
           manager.wait_until_finished()
-          logging.warning('Preempted: saved step %d in %s. Rerun the same command to resume.',
-                          step, manager.directory)
+          logging.warning(
+            'Preempted: saved step %d in %s. Rerun the same command to resume.',
+            step,
+            manager.directory,
+          )
           return {**summary, 'preempted': True}
         if do_eval:
           summary.update(evaluate_now(step))
@@ -376,8 +441,9 @@ def _average(fetched: list[dict[str, np.ndarray]]) -> dict[str, Any]:
   return out
 
 
-def _raise_if_diverged(step_ids: list[int], fetched: list[dict[str, np.ndarray]],
-                       last_checked: int, manager) -> None:
+def _raise_if_diverged(
+  step_ids: list[int], fetched: list[dict[str, np.ndarray]], last_checked: int, manager
+) -> None:
   bad = [(s, m) for s, m in zip(step_ids, fetched) if not m['update_ok']]
   if not bad:
     return
@@ -388,17 +454,21 @@ def _raise_if_diverged(step_ids: list[int], fetched: list[dict[str, np.ndarray]]
   manager.wait_until_finished()
   good = manager.latest_step()
   raise TrainingDivergedError(
-      f'{what} became {kind} between steps {last_checked + 1} and {step_ids[-1]} (first at '
-      f'step {first_step}: loss={loss}, grad_norm={grad_norm}). Nothing was saved after step '
-      f'{last_checked}; the last checkpoint is ' +
-      (f'step {good} in {manager.directory}' if good is not None else 'none') +
-      '. Lower the learning rate, or set --config.skip_nonfinite_updates=True to skip such '
-      'updates.')
+    f'{what} became {kind} between steps {last_checked + 1} and {step_ids[-1]} (first at '
+    f'step {first_step}: loss={loss}, grad_norm={grad_norm}). Nothing was saved after step '
+    f'{last_checked}; the last checkpoint is '
+    + (f'step {good} in {manager.directory}' if good is not None else 'none')
+    + '. Lower the learning rate, or set --config.skip_nonfinite_updates=True to skip such '
+    'updates.'
+  )
 
 
 def _format_eval(results: Mapping[str, Any]) -> str:
-  keys = [k for k in results if k.split('/')[-1] in ('top1', 'top5', 'loss', 'ema_top1',
-                                                      'ema_top5', 'ema_loss')]
+  keys = [
+    k
+    for k in results
+    if k.split('/')[-1] in ('top1', 'top5', 'loss', 'ema_top1', 'ema_top5', 'ema_loss')
+  ]
   return ', '.join(f'{k.split("/")[-1]} {results[k]:.4f}' for k in keys)
 
 
@@ -419,9 +489,10 @@ def evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   source = source or config.init_from
   if not source:
     raise ValueError(
-        f'Nothing to evaluate: {workdir} has no checkpoint and neither config.eval_from nor '
-        'config.init_from is set. Pass --config.eval_from=<workdir, checkpoint, exported model '
-        'dir or PyTorch file>.')
+      f'Nothing to evaluate: {workdir} has no checkpoint and neither config.eval_from nor '
+      'config.init_from is set. Pass --config.eval_from=<workdir, checkpoint, exported model '
+      'dir or PyTorch file>.'
+    )
 
   mesh = sharding_lib.create_mesh(config.mesh.fsdp)
   check_num_classes(config)
@@ -429,8 +500,9 @@ def evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   weights, description = load_weights(source, model, config, with_ema=True)
   abstract = jax.eval_shape(lambda: weights)
   weight_shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
-  weights = {name: state_lib.put_variables(w, weight_shardings[name])
-             for name, w in weights.items()}
+  weights = {
+    name: state_lib.put_variables(w, weight_shardings[name]) for name, w in weights.items()
+  }
   eval_step = jit_eval_step(model, mesh, weight_shardings)
   results = run_evaluation(eval_step, weights, make_eval_dataset(config), mesh)
   results = {f'eval/{k}': v for k, v in results.items()}
@@ -451,4 +523,3 @@ def _checkpoint_step(path: str) -> int:
   if state_dir is None:
     return 0
   return int(os.path.basename(os.path.dirname(state_dir)))
-
