@@ -55,12 +55,13 @@ class BatchNorm(nn.Module):
   epsilon: float = BN_EPS
   momentum: float = BN_MOMENTUM
   dtype: Dtype = jnp.float32
+  scale_init: Initializer = nn.initializers.ones
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     features = x.shape[-1]
     f32 = jnp.float32
-    scale = self.param('scale', nn.initializers.ones, (features,), f32)
+    scale = self.param('scale', self.scale_init, (features,), f32)
     bias = self.param('bias', nn.initializers.zeros, (features,), f32)
     running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), f32))
     running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), f32))
