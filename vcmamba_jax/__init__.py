@@ -15,6 +15,8 @@ _EXPORTS = {
   'to_pytorch_state_dict': 'vcmamba_jax.convert',
   'load_pretrained': 'vcmamba_jax.convert',
   'save_pretrained': 'vcmamba_jax.convert',
+  'load_segmentation_weights': 'vcmamba_jax.segmentation',
+  'create_segmentation_model': 'vcmamba_jax.segmentation',
 }
 
 
