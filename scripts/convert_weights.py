@@ -30,7 +30,6 @@ Exit status: 0 on success, 1 on a conversion or verification error, 2 on bad arg
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -61,11 +60,10 @@ _STORED_FIELDS = (
 
 
 def variant_name(path: str, model: vcmamba_lib.VCMamba) -> str:
-  """The registered variant name of a loaded model: from model.json for an exported directory,
+  """The registered variant name of a loaded model: from the config of an exported directory,
   else the variant whose depths/widths/Mamba layers the model has."""
-  if convert.is_exported_model(path):
-    with open(os.path.join(path, pretrained_lib.MODEL_JSON)) as f:
-      return json.load(f)['name']
+  if not convert.is_hub_path(path) and convert.is_exported_model(path):
+    return pretrained_lib.read_exported_config(path)[0]
   for name, spec in vcmamba_lib.VARIANTS.items():
     if (tuple(model.depths), tuple(model.widths), model.num_mamba_layers) == (
       spec.depths,
@@ -171,7 +169,7 @@ def _check_output(path: str, overwrite: bool) -> None:
 
 def convert_weights(args: argparse.Namespace) -> str:
   """Runs one conversion as described by the parsed command line; returns the summary."""
-  source = os.path.abspath(args.input)
+  source = args.input if convert.is_hub_path(args.input) else os.path.abspath(args.input)
   output = os.path.abspath(args.output)
   if source == output:
     raise ValueError('--input and --output are the same path')
@@ -189,13 +187,20 @@ def convert_weights(args: argparse.Namespace) -> str:
     )
   if os.path.isdir(source) and not convert.is_exported_model(source):
     raise convert.CheckpointError(
-      f'{args.input} is a directory without {pretrained_lib.MODEL_JSON}: expected an '
-      'exported model directory or a .pth/.pt/.npz/.safetensors file'
+      f'{args.input} is a directory without a vcmamba_jax {pretrained_lib.CONFIG_JSON}: '
+      'expected an exported model directory or a .pth/.pt/.npz/.safetensors file'
     )
   _check_output(output, args.overwrite)
 
   overrides = {'img_size': args.img_size} if args.img_size else {}
+  print(f'reading {args.input} ...', file=sys.stderr, flush=True)
+  start = time.perf_counter()
   model, variables = convert.load_pretrained(source, args.model, **overrides)
+  print(
+    f'read {args.input} in {time.perf_counter() - start:.1f} s; writing {args.output} ...',
+    file=sys.stderr,
+    flush=True,
+  )
   name = args.model or variant_name(source, model)
   model_kwargs = {field: getattr(model, field) for field in _STORED_FIELDS}
   if args.to_pytorch:
@@ -223,7 +228,10 @@ def convert_weights(args: argparse.Namespace) -> str:
     )
     lines.append(f'  format       PyTorch names and layouts, {suffix} ({layout})')
   else:
-    lines.append('  format       vcmamba_jax exported model (model.json + orbax variables)')
+    lines.append(
+      '  format       vcmamba_jax exported model (model.safetensors + config.json + README.md; '
+      f'upload with `hf upload USER/REPO {args.output}`)'
+    )
   print('\n'.join(lines), flush=True)
   if args.verify:
     print(verify(output, name, variables), flush=True)

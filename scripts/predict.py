@@ -1,12 +1,16 @@
 r"""Classifies images with a VCMamba model: top-k ImageNet-1k classes and probabilities.
 
+  python scripts/predict.py --model vcmamba_b --image cat.jpg   # official weights from the Hub
+  python scripts/predict.py --weights hf-hub:SLDGroup/VCMamba/VCMamba-B.pth --image cat.jpg
   python scripts/predict.py --weights VCMamba-B.pth --image cat.jpg --image dog.png
   python scripts/predict.py --model vcmamba_b --weights weights/vcmamba_b --image *.jpg --topk 3
   python scripts/predict.py --weights weights/vcmamba_b --image a.jpg --dtype bfloat16 --json
 
-``--weights`` is an exported model directory (``scripts/convert_weights.py``) or a PyTorch file
-of the authors' format (.pth/.pt/.npz/.safetensors); ``--model`` is needed only to check what
-is loaded, the variant being detected otherwise.
+``--weights`` is a Hugging Face Hub path ('hf-hub:owner/repo/file' or 'hf-hub:owner/repo' for an
+uploaded save_pretrained folder; cached by huggingface_hub, HF_HUB_OFFLINE=1 reads only the
+cache), an exported model directory (``scripts/convert_weights.py``) or a PyTorch file of the
+authors' format (.pth/.pt/.npz/.safetensors); without it, the official weights of ``--model``.
+``--model`` is otherwise needed only to check what is loaded, the variant being detected.
 
 Preprocessing is the paper's evaluation transform: resize the shorter side to
 int(img_size / crop_pct) = 256 (bicubic), centre crop 224, ImageNet mean/std. Camera photos are
@@ -34,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vcmamba_jax import convert
+from vcmamba_jax.convert import registry
 from vcmamba_jax.data import device_ops, transforms
 from vcmamba_jax.models import vcmamba as vcmamba_lib
 
@@ -133,8 +138,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   parser.add_argument(
     '--weights',
-    required=True,
-    help='exported model directory or PyTorch file (.pth/.pt/.npz/.safetensors)',
+    default=None,
+    help="'hf-hub:owner/repo[/file][@revision]', an exported model directory or a PyTorch file "
+    '(.pth/.pt/.npz/.safetensors); default: the official weights of --model',
   )
   parser.add_argument(
     '--model',
@@ -179,6 +185,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     '--json', action='store_true', help='print one JSON object per image instead of text'
   )
   args = parser.parse_args(argv)
+  if args.weights is None:
+    if args.model not in registry.PRETRAINED_WEIGHTS:
+      parser.error(
+        f'give --weights, or --model one of {sorted(registry.PRETRAINED_WEIGHTS)} for its '
+        'official weights'
+      )
+    args.weights = registry.pretrained_weights(args.model)
   if args.topk < 1:
     parser.error(f'--topk must be positive, got {args.topk}')
   if args.batch_size < 1:

@@ -9,8 +9,9 @@ import importlib
 __version__ = '0.1.0'
 
 _EXPORTS = {
-  'create_model': 'vcmamba_jax.models',
-  'list_models': 'vcmamba_jax.models',
+  'create_model': 'vcmamba_jax.convert.registry',
+  'list_models': 'vcmamba_jax.convert.registry',
+  'pretrained_weights': 'vcmamba_jax.convert.registry',
   'load_pytorch_weights': 'vcmamba_jax.convert',
   'to_pytorch_state_dict': 'vcmamba_jax.convert',
   'load_pretrained': 'vcmamba_jax.convert',

@@ -1,15 +1,17 @@
-"""scripts/colab_inference.ipynb: runs top to bottom on local weights and a local image, offline."""
+"""scripts/colab_inference.ipynb: runs top to bottom offline, its Hub weights served from a prepared
+Hugging Face cache, on a local image."""
 
 from __future__ import annotations
 
 import re
 import sys
-import types
 
 import nbformat
 import pytest
 
+from tests.hub_cache import add_to_hub_cache
 from tests.scripts.conftest import NANO, SCRIPTS
+from vcmamba_jax.convert import resolve_hub_path
 from vcmamba_jax.data import imagenet_class_names
 
 NOTEBOOK = SCRIPTS / 'colab_inference.ipynb'
@@ -51,11 +53,22 @@ def test_notebook_is_clean_and_parameterised():
     assert re.search(rf'^{name} = ', parameters[0].source, re.MULTILINE)
 
 
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+  """An empty Hugging Face cache in HF_HUB_CACHE, read offline (HF_HUB_OFFLINE=1)."""
+  cache = tmp_path / 'hf_cache'
+  monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  return cache
+
+
 def test_notebook_classifies_an_image_offline(
-  nano_pth, jpeg_images, monkeypatch, no_network, capsys
+  nano_exported, jpeg_images, hub_cache, monkeypatch, no_network, capsys
 ):
+  # The Hub path of a save_pretrained folder, served from a prepared cache.
+  add_to_hub_cache(hub_cache, 'someone/vcmamba-nano', {p.name: p for p in nano_exported.iterdir()})
   monkeypatch.setenv('VCMAMBA_MODEL', NANO)
-  monkeypatch.setenv('VCMAMBA_WEIGHTS', str(nano_pth))
+  monkeypatch.setenv('VCMAMBA_WEIGHTS', 'hf-hub:someone/vcmamba-nano')
   monkeypatch.setenv('VCMAMBA_IMAGE', str(jpeg_images[0]))
   monkeypatch.delenv('VCMAMBA_TOPK', raising=False)
   namespace = run_cells(code_cells())
@@ -75,25 +88,20 @@ def test_notebook_classifies_an_image_offline(
   assert no_network == []
 
 
-def test_official_weights_are_requested_from_the_hub(nano_pth, monkeypatch, no_network):
-  calls = []
-
-  def hf_hub_download(repo_id, filename):
-    calls.append((repo_id, filename))
-    return str(nano_pth)
-
-  monkeypatch.setitem(
-    sys.modules, 'huggingface_hub', types.SimpleNamespace(hf_hub_download=hf_hub_download)
-  )
+def test_official_weights_come_from_the_hub(nano_pth, hub_cache, monkeypatch, no_network):
   monkeypatch.setenv('VCMAMBA_MODEL', 'vcmamba_m')
   monkeypatch.setenv('VCMAMBA_WEIGHTS', '')
   parameters, weights = [
-    source for source in code_cells() if source.startswith(('# Parameters', 'import urllib'))
+    source for source in code_cells() if source.startswith(('# Parameters', 'import vcmamba_jax'))
   ]
   namespace = run_cells([parameters, weights])
-  assert calls == [('SLDGroup/VCMamba', 'VCMamba-M.pth')]
+  assert namespace['weights'] == 'hf-hub:SLDGroup/VCMamba/VCMamba-M.pth'
+  # ... which the next cell's load_pretrained reads from the cache (here offline).
+  commit = add_to_hub_cache(hub_cache, 'SLDGroup/VCMamba', {'VCMamba-M.pth': nano_pth})
+  assert resolve_hub_path(namespace['weights']) == str(
+    hub_cache / f'models--SLDGroup--VCMamba/snapshots/{commit}/VCMamba-M.pth'
+  )
   assert no_network == []
-  assert namespace['weights_path'] == str(nano_pth)
 
 
 def test_example_image_falls_back_offline(monkeypatch, no_network, capsys):

@@ -30,9 +30,10 @@ def test_pth_to_exported_dir_loads_identical_variables(nano_pth, nano_variables,
   assert 'params       407,872 (342,872 without dist_head)' in summary
   assert 'img_size     64 (pos_embed 2x2)' in summary
   assert 'num_classes  1000' in summary
-  meta = json.loads((output / 'model.json').read_text())
-  assert meta['name'] == NANO
+  meta = json.loads((output / 'config.json').read_text())
+  assert meta['architecture'] == NANO
   assert meta['model_kwargs'] == {'num_classes': 1000, 'img_size': 64}
+  assert (output / 'model.safetensors').is_file() and (output / 'README.md').is_file()
 
   model, variables = load_pretrained(output)
   assert (model.img_size, model.num_classes) == (64, 1000)
@@ -96,7 +97,7 @@ def test_corrupt_input_fails_with_a_clear_error(nano_pth, tmp_path, capsys):
   output = tmp_path / 'out'
   assert convert_weights.main(['--input', str(corrupt), '--output', str(output)]) == 1
   err = capsys.readouterr().err
-  assert err.startswith('error: could not read')
+  assert err.startswith(f'reading {corrupt} ...\nerror: could not read')
   assert 'corrupt or truncated' in err
   assert not output.exists()
 
@@ -120,7 +121,10 @@ def test_usage_errors_are_reported(nano_pth, nano_exported, tmp_path, capsys):
       ['--input', str(nano_pth), '--output', str(tmp_path / 'o'), '--model', 'vcmamba_s'],
       'looks like a vcmamba_nano checkpoint',
     ),
-    (['--input', str(tmp_path), '--output', str(tmp_path / 'o')], 'directory without model.json'),
+    (
+      ['--input', str(tmp_path), '--output', str(tmp_path / 'o')],
+      'directory without a vcmamba_jax config.json',
+    ),
   ]
   for argv, message in cases:
     assert convert_weights.main(argv) == 1, argv

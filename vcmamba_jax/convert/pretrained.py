@@ -1,9 +1,17 @@
-"""Exported model directories and loading pretrained weights into a model of another geometry.
+"""Exported model folders (save_pretrained) and loading pretrained weights into a model of another
+geometry.
 
-An exported model directory (written by ``save_pretrained`` / ``scripts/convert_weights.py``):
+A folder written by ``save_pretrained`` (and ``scripts/convert_weights.py``) is ready to upload to
+the Hugging Face Hub as it is (``hf upload USER/REPO DIR``) and loads back from there with
+``load_pretrained('hf-hub:USER/REPO')``:
 
-    DIR/model.json      {"name": "vcmamba_b", "model_kwargs": {"num_classes": 1000, "img_size": 224}}
-    DIR/variables/      orbax checkpoint of {'params': ..., 'batch_stats': ...} (float32)
+    DIR/model.safetensors  the weights under the authors' PyTorch names and layouts (float32), so
+                           the same file also loads in their code
+    DIR/config.json        {"library_name": "vcmamba_jax", "architecture": "vcmamba_b",
+                            "model_kwargs": {"num_classes": 1000, "img_size": 224}, ...}
+    DIR/README.md          a model card (usage, geometry, preprocessing)
+
+Folders of the earlier format (model.json + an orbax ``variables/`` checkpoint) still load.
 """
 
 from __future__ import annotations
@@ -17,9 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vcmamba_jax.convert import hub as hub_lib
 from vcmamba_jax.convert import pytorch as pytorch_lib
 from vcmamba_jax.models import vcmamba as vcmamba_lib
 
+CONFIG_JSON = hub_lib.CONFIG_NAME
+WEIGHTS_FILE = hub_lib.WEIGHT_NAMES[0]
+MODEL_CARD = 'README.md'
+FORMAT_VERSION = 2
+# Format 1 (read only): model.json + orbax variables/.
 MODEL_JSON = 'model.json'
 VARIABLES_DIR = 'variables'
 _JSON_KWARGS = (
@@ -49,47 +63,165 @@ def _model_kwargs(model: vcmamba_lib.VCMamba, name: str) -> dict[str, Any]:
   return kwargs
 
 
-def save_pretrained(
-  directory: str | os.PathLike, variables: dict[str, Any], name: str, **model_kwargs
+def _model_card(
+  name: str, kwargs: dict[str, Any], num_params: int, repo_id: str | None, description: str
 ) -> str:
-  """Writes an exported model directory that ``load_pretrained`` (and the trainer's
-  ``init_from``, eval mode and ``scripts/predict.py``) read. Returns the directory."""
-  import orbax.checkpoint as ocp
+  repo = repo_id or 'USER/REPO'
+  size = kwargs['img_size']
+  return f"""---
+library_name: vcmamba_jax
+pipeline_tag: image-classification
+tags:
+- image-classification
+- jax
+- flax
+- vcmamba
+- mamba
+---
+
+# {name}: {kwargs['num_classes']} classes at {size} px
+
+VCMamba (convolutions + multi-directional Mamba, [arXiv 2509.04669](https://arxiv.org/abs/2509.04669))
+weights for [vcmamba_jax](https://github.com/), the JAX / Flax port. {num_params:,} parameters.
+{description}
+
+## Use
+
+```python
+import jax, vcmamba_jax
+from vcmamba_jax.data import eval_preprocess, normalize
+from PIL import Image
+
+model, variables = vcmamba_jax.load_pretrained('hf-hub:{repo}')
+image = eval_preprocess(Image.open('image.jpg'), {size})  # uint8 [{size}, {size}, 3]
+logits, out = jax.jit(model.apply)(variables, normalize(image[None]))
+```
+
+Preprocessing (evaluation): resize the shorter side to int({size} / 0.875) (bicubic), centre crop
+{size}, ImageNet mean/std. `logits` is the mean of the two heads.
+
+## Files
+
+- `model.safetensors`: the weights under the PyTorch names and layouts of the authors' code
+  (float32), which also loads there.
+- `config.json`: the variant and its options (`vcmamba_jax.create_model('{name}', **model_kwargs)`).
+
+Upload this folder with `hf upload {repo} .` (huggingface_hub's CLI).
+"""
+
+
+def save_pretrained(
+  directory: str | os.PathLike,
+  variables: dict[str, Any],
+  name: str,
+  *,
+  repo_id: str | None = None,
+  description: str = '',
+  **model_kwargs,
+) -> str:
+  """Writes a folder to upload to the Hub (model.safetensors, config.json, README.md) that
+  ``load_pretrained`` (the folder, or 'hf-hub:REPO' once uploaded), the trainer's ``init_from``
+  and ``scripts/predict.py`` read.
+
+  Args:
+    directory: the folder (created; existing files of these names are replaced).
+    variables: {'params', 'batch_stats'} of ``create_model(name, **model_kwargs)``.
+    name: the variant, e.g. 'vcmamba_b'.
+    repo_id: the Hub repository it is meant for ('user/repo'), used in the model card.
+    description: a paragraph for the model card (e.g. the data and accuracy of a fine-tune).
+    **model_kwargs: ``create_model`` options of the architecture (num_classes, img_size, ...).
+
+  Returns:
+    The absolute directory.
+  """
+  from safetensors.numpy import save_file
 
   directory = os.path.abspath(os.fspath(directory))
   model = vcmamba_lib.create_model(name, **model_kwargs)
+  state = pytorch_lib.to_pytorch_state_dict(variables, include_num_batches_tracked=False)
   # Fail early (with the usual key/shape report) when variables and model disagree.
-  pytorch_lib.state_dict_to_variables(
-    pytorch_lib.to_pytorch_state_dict(variables, include_num_batches_tracked=False),
-    model,
-    source='variables',
-  )
+  pytorch_lib.state_dict_to_variables(state, model, source='variables')
+  kwargs = _model_kwargs(model, name)
   os.makedirs(directory, exist_ok=True)
-  target = os.path.join(directory, VARIABLES_DIR)
-  tree = {
-    c: jax.tree.map(lambda x: np.asarray(x, np.float32), variables[c])
-    for c in ('params', 'batch_stats')
+  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(variables['params']))
+  config = {
+    'library_name': hub_lib.LIBRARY_NAME,
+    'format_version': FORMAT_VERSION,
+    'architecture': name,
+    'model_kwargs': kwargs,
+    'num_params': num_params,
+    'preprocessing': {
+      'input_size': [kwargs['img_size'], kwargs['img_size'], 3],
+      'crop_pct': 0.875,
+      'interpolation': 'bicubic',
+      'mean': [0.485, 0.456, 0.406],
+      'std': [0.229, 0.224, 0.225],
+    },
   }
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(target, tree, force=True)
-  checkpointer.wait_until_finished()
-  meta = {
-    'name': name,
-    'model_kwargs': _model_kwargs(model, name),
-    'format': 'vcmamba_jax exported model v1',
+  tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
+  files = {
+    WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={'format': 'pt'}),
+    CONFIG_JSON: lambda p: _write_text(p, json.dumps(config, indent=2) + '\n'),
+    MODEL_CARD: lambda p: _write_text(
+      p, _model_card(name, kwargs, num_params, repo_id, description)
+    ),
   }
-  tmp = os.path.join(directory, MODEL_JSON + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(meta, f, indent=2)
-  os.replace(tmp, os.path.join(directory, MODEL_JSON))
+  for filename, write in files.items():  # each file appears whole or not at all
+    tmp = os.path.join(directory, filename + '.tmp')
+    write(tmp)
+    os.replace(tmp, os.path.join(directory, filename))
   return directory
 
 
+def _write_text(path: str, text: str) -> None:
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+
+
 def is_exported_model(path: str | os.PathLike) -> bool:
-  return os.path.isfile(os.path.join(os.fspath(path), MODEL_JSON))
+  """Whether ``path`` is a folder written by ``save_pretrained`` (either format)."""
+  path = os.fspath(path)
+  return hub_lib.is_vcmamba_config(os.path.join(path, CONFIG_JSON)) or os.path.isfile(
+    os.path.join(path, MODEL_JSON)
+  )
+
+
+def read_exported_config(directory: str) -> tuple[str, dict[str, Any]]:
+  """(variant, create_model kwargs) of a save_pretrained folder."""
+  if hub_lib.is_vcmamba_config(os.path.join(directory, CONFIG_JSON)):
+    with open(os.path.join(directory, CONFIG_JSON)) as f:
+      meta = json.load(f)
+    name = meta.get('architecture')
+  else:
+    with open(os.path.join(directory, MODEL_JSON)) as f:
+      meta = json.load(f)
+    name = meta.get('name')
+  kwargs = meta.get('model_kwargs', {})
+  unknown = set(kwargs) - set(_JSON_KWARGS)
+  if name not in vcmamba_lib.VARIANTS or unknown:
+    raise pytorch_lib.CheckpointError(
+      f'{directory} does not describe a vcmamba_jax model (architecture {name!r}, unknown '
+      f'fields {sorted(unknown)}); was it written by save_pretrained?'
+    )
+  return name, dict(kwargs)
 
 
 def _read_exported(directory: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  name, kwargs = read_exported_config(directory)
+  if hub_lib.is_vcmamba_config(os.path.join(directory, CONFIG_JSON)):
+    weights = os.path.join(directory, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+      raise pytorch_lib.CheckpointError(
+        f'{directory} has {CONFIG_JSON} but no {WEIGHTS_FILE}: the folder is incomplete '
+        '(re-run save_pretrained / scripts/convert_weights.py, or download it again)'
+      )
+    model = vcmamba_lib.create_model(name, **kwargs)
+    state = pytorch_lib.read_state_dict(weights)
+    return name, kwargs, pytorch_lib.state_dict_to_variables(state, model, source=weights)
+  return _read_orbax_format(directory)
+
+
+def _read_orbax_format(directory: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
   import orbax.checkpoint as ocp
 
   with open(os.path.join(directory, MODEL_JSON)) as f:
@@ -148,7 +280,14 @@ def adapt_variables(
           value = vcmamba_lib.resize_pos_embed(jnp.asarray(value), leaf.shape[1:3])
         elif reinit_heads and path[0] in ('head', 'dist_head'):
           if fresh is None:
-            fresh = traverse_util.flatten_dict(jax.jit(init)()[collection])
+            # Runs once: on CPU, LLVM optimisation of the many initialisers costs far more
+            # (tens of seconds) than the program could save.
+            options = (
+              {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
+            )
+            fresh = traverse_util.flatten_dict(
+              jax.jit(init, compiler_options=options)()[collection]
+            )
           value = fresh[path]
           reinitialised.append('/'.join(path))
         else:
@@ -169,10 +308,14 @@ def adapt_variables(
 def load_pretrained(
   path: str | os.PathLike, name: str | None = None, *, reinit_heads: bool = False, **overrides
 ):
-  """Loads an exported model directory or a PyTorch-format file (.pth/.npz/.safetensors).
+  """Loads a save_pretrained folder, a PyTorch-format file (.pth/.npz/.safetensors) or either
+  from the Hugging Face Hub.
 
   Args:
-    path: the directory or file.
+    path: the folder or file, or a Hub path: 'hf-hub:owner/name/file[@revision]' (a file in a
+      repository, e.g. 'hf-hub:SLDGroup/VCMamba/VCMamba-B.pth') or 'hf-hub:owner/name[@revision]'
+      (an uploaded save_pretrained folder). Hub files are cached by huggingface_hub
+      (HF_HUB_CACHE); with HF_HUB_OFFLINE=1 only the cache is read.
     name: the variant; for PyTorch files it is detected from the tensors when omitted, for
       exported directories it is read from model.json (and checked when given).
     reinit_heads: re-initialise the heads when ``num_classes`` differs from the checkpoint.
@@ -183,11 +326,13 @@ def load_pretrained(
     (model, variables).
   """
   path = os.fspath(path)
+  if hub_lib.is_hub_path(path):
+    path = hub_lib.resolve(path)
   if os.path.isdir(path):
     if not is_exported_model(path):
       raise pytorch_lib.CheckpointError(
-        f'{path} is a directory without {MODEL_JSON}: expected an exported model '
-        '(scripts/convert_weights.py) or a PyTorch file'
+        f'{path} is a directory without a vcmamba_jax {CONFIG_JSON}: expected a save_pretrained '
+        'folder (scripts/convert_weights.py) or a PyTorch file'
       )
     stored_name, kwargs, variables = _read_exported(path)
     if name is not None and name != stored_name:
