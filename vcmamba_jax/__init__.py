@@ -15,6 +15,7 @@ _EXPORTS = {
   'load_pytorch_weights': 'vcmamba_jax.convert',
   'to_pytorch_state_dict': 'vcmamba_jax.convert',
   'load_pretrained': 'vcmamba_jax.convert',
+  'load_exported': 'vcmamba_jax.serving',
   'save_pretrained': 'vcmamba_jax.convert',
   'load_segmentation_weights': 'vcmamba_jax.segmentation',
   'create_segmentation_model': 'vcmamba_jax.segmentation',
