@@ -97,7 +97,7 @@ def slide_inference(
   return preds / count
 
 
-def max_windows(canvas: tuple[int, int], crop, stride) -> tuple[int, int]:
+def max_windows_of(canvas: tuple[int, int], crop, stride) -> tuple[int, int]:
   """Number of window rows and columns of the largest image that fits ``canvas``."""
   (h, w), (hc, wc), (hs, ws) = canvas, _pair(crop, 'crop'), _pair(stride, 'stride')
   return max(h - hc + hs - 1, 0) // hs + 1, max(w - wc + ws - 1, 0) // ws + 1
@@ -110,18 +110,24 @@ def slide_inference_padded(
   crop: int | Sequence[int],
   stride: int | Sequence[int],
   num_classes: int,
+  max_windows: int | None = None,
 ) -> jax.Array:
   """``slide_inference`` of images of different sizes padded onto one static canvas.
 
   The same windows and numbers as ``slide_inference`` on each image cropped to its size, with
-  one compiled program for every size (the window offsets are computed from the traced sizes,
-  windows beyond an image's grid are masked). Every image must be at least ``crop`` in both
-  dimensions (mmseg's ADE20K test transform guarantees 512 on the short side except for
-  extreme aspect ratios; use ``slide_inference`` on those).
+  one compiled program for every size: window k of an image is (k // cols, k % cols) of its own
+  grid, computed from the traced size; windows beyond its grid are masked (and cost compute:
+  choose ``max_windows`` as the most windows any image has, e.g. 6 for ADE20K's test transform
+  at crop 512 / stride 341, instead of the canvas grid).
+
+  Images smaller than ``crop`` in a dimension are an approximation here: their window covers
+  the canvas padding there (mmseg runs the model on the smaller image); mmseg's ADE20K test
+  transform gives a 512 short side except for aspect ratios above 4.
 
   Args:
     images: [B, Hc, Wc, 3] normalised, the real image in the top-left ``sizes[b]`` corner.
     sizes: int32 [B, 2] real (height, width).
+    max_windows: windows computed per image (default: every window of the canvas).
 
   Returns:
     float32 [B, Hc, Wc, num_classes]; zeros outside each image.
@@ -130,26 +136,27 @@ def slide_inference_padded(
   (h_crop, w_crop), (h_stride, w_stride) = _pair(crop, 'crop'), _pair(stride, 'stride')
   if hc < h_crop or wc < w_crop:
     raise ValueError(f'canvas {hc}x{wc} is smaller than the crop {h_crop}x{w_crop}')
-  rows, cols = max_windows((hc, wc), (h_crop, w_crop), (h_stride, w_stride))
+  rows, cols = max_windows_of((hc, wc), (h_crop, w_crop), (h_stride, w_stride))
+  n = max_windows or rows * cols
   sizes = jnp.asarray(sizes, jnp.int32)
-  h_img, w_img = sizes[:, 0], sizes[:, 1]
+  h_img = jnp.maximum(sizes[:, 0], h_crop)
+  w_img = jnp.maximum(sizes[:, 1], w_crop)
   h_grids = jnp.maximum(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
   w_grids = jnp.maximum(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
 
-  # Window offsets [B, rows * cols] and validity, as slide_windows computes them per image.
-  h_idx = jnp.repeat(jnp.arange(rows), cols)
-  w_idx = jnp.tile(jnp.arange(cols), rows)
-  y2 = jnp.minimum(h_idx[None] * h_stride + h_crop, h_img[:, None])
-  x2 = jnp.minimum(w_idx[None] * w_stride + w_crop, w_img[:, None])
+  # Window offsets [B, n] and validity, in slide_windows' order (row-major over each image's grid).
+  k = jnp.arange(n)[None]
+  h_idx, w_idx = k // w_grids[:, None], k % w_grids[:, None]
+  y2 = jnp.minimum(h_idx * h_stride + h_crop, h_img[:, None])
+  x2 = jnp.minimum(w_idx * w_stride + w_crop, w_img[:, None])
   y1 = jnp.maximum(y2 - h_crop, 0)
   x1 = jnp.maximum(x2 - w_crop, 0)
-  valid = (h_idx[None] < h_grids[:, None]) & (w_idx[None] < w_grids[:, None])
+  valid = k < (h_grids * w_grids)[:, None]
 
   def take(image, y, x):
     return jax.lax.dynamic_slice(image, (y, x, 0), (h_crop, w_crop, channels))
 
   crops = jax.vmap(jax.vmap(take, in_axes=(None, 0, 0)))(images, y1, x1)  # [B, n, hc, wc, 3]
-  n = rows * cols
   window_logits = whole_inference(apply_fn, crops.reshape(batch * n, h_crop, w_crop, channels))
   window_logits = window_logits.reshape(batch, n, h_crop, w_crop, num_classes)
   window_logits = jnp.where(valid[:, :, None, None, None], window_logits, 0.0)
@@ -164,8 +171,7 @@ def slide_inference_padded(
 
     return jax.lax.fori_loop(0, n, body, canvas)
 
-  preds = jax.vmap(place)(
-    jnp.zeros((batch, hc, wc, num_classes), jnp.float32), window_logits, y1, x1
-  )
+  zeros = jnp.zeros((batch, hc, wc, num_classes), jnp.float32)
+  preds = jax.vmap(place)(zeros, window_logits, y1, x1)
   count = jax.vmap(place)(jnp.zeros((batch, hc, wc, 1), jnp.float32), ones, y1, x1)
   return jnp.where(count > 0, preds / jnp.maximum(count, 1.0), 0.0)
