@@ -132,7 +132,9 @@ def test_slide_inference_on_a_fixed_canvas(apply, inputs, ref):
   canvas = jnp.zeros((2, 320, 448, 3)).at[0, :256, :416].set(a[0]).at[1, :320, :416].set(b[0])
   sizes = jnp.array([[256, 416], [320, 416]], jnp.int32)
   # At most 4 windows per image (the 320x416 one); the canvas grid would have 6.
-  full = seg.slide_inference_padded(one_at_a_time(apply), canvas, sizes, 256, 171, 150, max_windows=4)
+  full = seg.slide_inference_padded(
+    one_at_a_time(apply), canvas, sizes, 256, 171, 150, max_windows=4
+  )
   check_map(full[:1, :256, :416], ref, '__slide', '__slide_classes', '__slide_rows', '__slide_cols')
   check_map(
     full[1:, :320, :416], ref, '__slide2d', '__slide2d_classes', '__slide2d_rows', '__slide2d_cols'
