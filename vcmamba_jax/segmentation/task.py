@@ -286,7 +286,8 @@ def fit_pretrained(
     got = traverse_util.flatten_dict(backbone[collection])
     bad = sorted(
       '/'.join(k)
-      for k in set(want) ^ set(got) | {k for k in set(want) & set(got) if want[k].shape != got[k].shape}
+      for k in set(want) ^ set(got)
+      | {k for k in set(want) & set(got) if want[k].shape != got[k].shape}
     )
     if bad:
       raise convert_lib.CheckpointError(
@@ -297,5 +298,8 @@ def fit_pretrained(
     tree = dict(fresh[collection])
     tree['backbone'] = backbone[collection]
     out[collection] = tree
-  logging.info('Backbone initialised from classification weights (pos_embed: %s).', config.model.pos_embed_resize)
+  logging.info(
+    'Backbone initialised from classification weights (pos_embed: %s).',
+    config.model.pos_embed_resize,
+  )
   return out
