@@ -25,6 +25,7 @@ from ml_collections import ConfigDict
 from vcmamba_jax import checkpoint as checkpoint_lib
 from vcmamba_jax import data as data_lib
 from vcmamba_jax import sharding as sharding_lib
+from vcmamba_jax.data import image_folder as image_folder_lib
 from vcmamba_jax.models import create_model
 from vcmamba_jax.train import metrics as metrics_lib
 from vcmamba_jax.train import optim, steps
@@ -117,12 +118,38 @@ def build_model(config: ConfigDict) -> nn.Module:
   return create_model(config.model.name, **model_kwargs(config))
 
 
+def _image_folder(config: ConfigDict) -> image_folder_lib.ImageFolder | None:
+  d = config.data
+  if not d.get('image_folder'):
+    return None
+  return image_folder_lib.open_image_folder(
+    d.image_folder, val_fraction=d.get('val_fraction', 0.1), split_seed=d.get('split_seed', 0)
+  )
+
+
+def open_source(config: ConfigDict, split: str) -> Any:
+  """The records of `split`: `config.data.image_folder` when set (a folder of class
+  subfolders, configs/finetune.py), else the TFDS dataset `config.data.dataset`."""
+  folder = _image_folder(config)
+  if folder is not None:
+    return folder.source(split)
+  return data_lib.get_source(config.data.dataset, split, config.data.data_dir)
+
+
 def check_num_classes(config: ConfigDict) -> None:
-  num_classes = data_lib.get_num_classes(config.data.dataset, config.data.data_dir)
-  if num_classes != config.model.num_classes:
+  """Checks config.model.num_classes against the data; 0 (or less) takes the data's."""
+  folder = _image_folder(config)
+  if folder is not None:
+    num_classes, what = folder.num_classes, f'image folder {folder.root}'
+  else:
+    num_classes = data_lib.get_num_classes(config.data.dataset, config.data.data_dir)
+    what = config.data.dataset
+  if config.model.num_classes <= 0:
+    config.model.num_classes = num_classes
+  elif num_classes != config.model.num_classes:
     raise ValueError(
-      f'config.model.num_classes={config.model.num_classes} but {config.data.dataset} has '
-      f'{num_classes} classes; pass --config.model.num_classes={num_classes}.'
+      f'config.model.num_classes={config.model.num_classes} but {what} has '
+      f"{num_classes} classes; pass --config.model.num_classes={num_classes} (or 0: the data's)."
     )
 
 
@@ -151,7 +178,7 @@ def make_train_dataset(config: ConfigDict, source: Any) -> grain.IterDataset:
 def make_eval_dataset(config: ConfigDict) -> grain.IterDataset:
   d = config.data
   return data_lib.create_eval_dataset(
-    source=data_lib.get_source(d.dataset, d.eval_split, d.data_dir),
+    source=open_source(config, d.eval_split),
     global_batch_size=config.eval_batch_size,
     image_size=config.model.img_size,
     crop_pct=d.eval_crop_pct,
@@ -241,6 +268,15 @@ def load_weights(
   return adapted, f'checkpoint {os.path.dirname(state_dir)}'
 
 
+def _fetch_hub_weights(path: str) -> None:
+  """Downloads Hub weights into the Hugging Face cache (or finds them there) before anything
+  compiles, so that a wrong name or an offline miss fails in seconds, not after the init."""
+  from vcmamba_jax import convert
+
+  if convert.is_hub_path(path):
+    logging.info('init_from %s: %s', path, convert.resolve_hub_path(path))
+
+
 def _write_config(config: ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -272,6 +308,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   """
   workdir = os.path.abspath(workdir)
   _check_batch_sizes(config)
+  check_num_classes(config)
+  if config.init_from and checkpoint_lib.find_training_checkpoint(workdir) is None:
+    _fetch_hub_weights(config.init_from)
   _write_config(config, workdir)
   writer = metrics_lib.MetricWriter(workdir)
 
@@ -286,10 +325,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     jax.devices()[0].device_kind,
     dict(mesh.shape),
   )
-  check_num_classes(config)
-  train_source = data_lib.get_source(
-    config.data.dataset, config.data.train_split, config.data.data_dir
-  )
+  train_source = open_source(config, config.data.train_split)
   steps_per_epoch = data_lib.train_steps_per_epoch(
     len(train_source), config.global_batch_size, config.data.repeated_aug
   )
