@@ -3,6 +3,9 @@ r"""Training and evaluation speed of a config: img/s, step time, MFU, peak memor
   python scripts/benchmark.py --config=configs/vcmamba_b.py --config.model.dtype=bfloat16 \
       --config.data.data_dir=$TFDS_DATA_DIR --json_out=bench_b_bf16.json
   python scripts/benchmark.py --config=configs/vcmamba_s.py:smoke   # CPU check, seconds
+  # a batch sweep (train and eval at each global batch size), for scripts/plot_benchmark.py
+  python scripts/benchmark.py --config=configs/vcmamba_b.py --config.model.dtype=bfloat16 \
+      --modes=train_synthetic,eval_synthetic --batch_sizes=32,64,128,256,512 --json_out=sweep_b.json
 
 Prints a table and optionally writes JSON. What is measured and how MFU is defined:
 `vcmamba_jax/train/benchmark.py`. Without the config's dataset only the synthetic measurements
@@ -36,27 +39,50 @@ _MODES = flags.DEFINE_list(
 )
 _PEAK = flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device (default: table).')
 _JSON_OUT = flags.DEFINE_string('json_out', None, 'Write the results as JSON here.')
+_BATCH_SIZES = flags.DEFINE_list(
+  'batch_sizes',
+  [],
+  'Sweep: measure at each of these global batch sizes (train and eval batch alike); the JSON '
+  'then holds {"sweep": [report, ...]}.',
+)
 flags.mark_flags_as_required(['config'])
+
+
+def sweep_report(reports: list[dict]) -> dict:
+  """The JSON of a batch sweep: the reports in order of batch size."""
+  return {
+    'sweep': sorted(reports, key=lambda r: r['config']['global_batch_size']),
+    'jax_version': jax.__version__,
+  }
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metrics_lib.quiet_library_logs()
-  trainer.initialize_distributed(_CONFIG.value.distributed)
-  report = benchmark_lib.benchmark(
-    _CONFIG.value,
-    num_steps=_STEPS.value,
-    warmup=_WARMUP.value,
-    modes=_MODES.value,
-    peak=_PEAK.value,
-  )
-  if jax.process_index() == 0:
-    print(benchmark_lib.format_table(report))
-    if _JSON_OUT.value:
-      with open(_JSON_OUT.value, 'w') as f:
-        json.dump(report, f, indent=2)
-      logging.info('Wrote %s', _JSON_OUT.value)
+  config = _CONFIG.value
+  trainer.initialize_distributed(config.distributed)
+  batch_sizes = [int(b) for b in _BATCH_SIZES.value] or [None]
+  reports = []
+  for number, batch in enumerate(batch_sizes, start=1):
+    if batch is not None:
+      config.global_batch_size = config.eval_batch_size = batch
+      logging.info('sweep %d/%d: global batch %d', number, len(batch_sizes), batch)
+    report = benchmark_lib.benchmark(
+      config,
+      num_steps=_STEPS.value,
+      warmup=_WARMUP.value,
+      modes=_MODES.value,
+      peak=_PEAK.value,
+    )
+    reports.append(report)
+    if jax.process_index() == 0:
+      print(benchmark_lib.format_table(report), flush=True)
+  if jax.process_index() == 0 and _JSON_OUT.value:
+    out = sweep_report(reports) if _BATCH_SIZES.value else reports[0]
+    with open(_JSON_OUT.value, 'w') as f:
+      json.dump(out, f, indent=2)
+    logging.info('Wrote %s', _JSON_OUT.value)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,8 @@ The program takes uint8 crops (shorter side resized to int(S / crop_pct), bicubi
 ``vcmamba_jax.data.eval_preprocess`` does it) and normalises them itself. It uses the pure-XLA
 associative scan: the fused Pallas GPU kernels do not serialise portably. With ``--check``, the
 export is loaded back and its logits compared with the model's on random crops (two batch sizes).
+``--onnx FILE`` also writes ONNX through jax2onnx when it is installed (see
+``vcmamba_jax.convert.export.export_onnx``).
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--check', action='store_true', help='reload the export and compare logits with the model'
   )
+  parser.add_argument(
+    '--onnx',
+    default=None,
+    metavar='FILE',
+    help='also write an ONNX model (needs `pip install jax2onnx onnxruntime`, not a dependency)',
+  )
   args = parser.parse_args(argv)
   try:
     args.platforms = serving.platforms_list(args.platforms)
@@ -121,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       if not error <= (1e-4 if args.dtype == 'float32' else 5e-2):
         print(f'error: the exported logits differ from the model by {error}', file=sys.stderr)
         return 1
+  if args.onnx:
+    try:
+      export_lib.export_onnx(model, variables, args.onnx, log=log)
+    except ImportError as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 1
   print(directory)
   return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ from vcmamba_jax.train import state as state_lib
 
 TRAIN_KEYS = ('image', 'label', 'num_skipped')
 EVAL_KEYS = ('image', 'label', 'mask', 'num_skipped')
+EVAL_PROGRESS_SECONDS = 30.0
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -218,16 +220,26 @@ def jit_eval_step(model: nn.Module, mesh: Mesh, weight_shardings: Mapping[str, A
 def run_evaluation(
   eval_step, weights: Mapping[str, Any], dataset: grain.IterDataset, mesh: Mesh
 ) -> dict[str, float]:
-  """One exact pass over the eval split for every weight set: top1/top5/loss (+ ema_*)."""
+  """One exact pass over the eval split for every weight set: top1/top5/loss (+ ema_*).
+
+  Logs progress every `EVAL_PROGRESS_SECONDS` (a full ImageNet pass takes minutes)."""
   sums = jax.device_put(steps.init_eval_sums(list(weights)), sharding_lib.replicated(mesh))
   iterator = iter(dataset)
+  start = last_log = time.perf_counter()
+  num_batches = 0
   try:
     for batch in iterator:
       batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in EVAL_KEYS})
       sums = eval_step(weights, batch, sums)
+      num_batches += 1
+      if time.perf_counter() - last_log > EVAL_PROGRESS_SECONDS:
+        last_log = time.perf_counter()
+        logging.info('eval: %d batches in %.0f s', num_batches, last_log - start)
   finally:
     iterator.close()
-  return steps.summarize_eval(jax.device_get(sums))
+  results = steps.summarize_eval(jax.device_get(sums))
+  logging.info('eval: %d batches in %.1f s', num_batches, time.perf_counter() - start)
+  return results
 
 
 def load_weights(
