@@ -9,12 +9,15 @@ authors ran 128 per GPU on 9 GPUs, 1152 images, peak 2.25e-3). Changing `global_
 rescales the peak automatically; set `optimizer.base_batch_size` to the batch size itself to pin
 the peak at `base_lr`.
 
-Distillation: the authors trained with DeiT soft distillation from a RegNetY-160 teacher
-(alpha 0.5, tau 1), which this project does not ship. Without a teacher, both heads learn from the
-labels: loss = (1 - w) * CE(head) + w * CE(dist_head) with soft (mixed, smoothed) targets and
-w = `loss.dist_head_weight` = 0.5, the same loss as the golden reference tests (there with plain
-labels). w = 0 trains only `head` (DeiT's `--distillation-type none`; dist_head then stays at its
-init and drags the averaged eval logits, so keep w > 0 unless you evaluate `head` alone).
+Distillation: as the authors (DeiT's recipe), the student's dist_head learns from a RegNetY-160
+teacher by soft distillation: loss = 0.5 * CE(head, mixed targets) + 0.5 * KD(dist_head, teacher)
+(alpha 0.5, tau 1; see vcmamba_jax/train/distillation.py). The teacher's weights are DeiT's
+https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth (or timm's
+`timm/regnety_160.deit_in1k`); pass --config.distillation.teacher_path=... . Without a teacher
+(--config.distillation.type=none) both heads learn from the labels: loss = (1 - w) * CE(head) +
+w * CE(dist_head) with w = `loss.dist_head_weight` = 0.5, the loss of the golden reference tests.
+w = 0 trains only `head` (dist_head then stays at its init and drags the averaged eval logits, so
+keep w > 0 unless you evaluate `head` alone). Smoke runs distil nothing.
 """
 
 from __future__ import annotations
@@ -106,7 +109,19 @@ def imagenet_recipe(model_name: str) -> config_dict.ConfigDict:
   config.schedule.per_step = False
 
   config.loss = config_dict.ConfigDict()
-  config.loss.dist_head_weight = 0.5  # see the module docstring (no teacher).
+  config.loss.dist_head_weight = 0.5  # distillation.type 'none' only: see the module docstring.
+
+  # DeiT distillation (the released scripts: soft, RegNetY-160, alpha 0.5, tau 1).
+  config.distillation = config_dict.ConfigDict()
+  config.distillation.type = 'soft'  # 'soft' (KL) | 'hard' (CE on the teacher's argmax) | 'none'
+  config.distillation.teacher = 'regnety_160'  # a RegNet of vcmamba_jax.models.regnet.VARIANTS
+  # DeiT's regnety_160-a5fe301d.pth, a timm .pth/.safetensors, 'hf-hub:timm/regnety_160.deit_in1k'
+  # (downloaded into the Hub cache), or 'random' (random weights: benchmarks and tests only).
+  config.distillation.teacher_path = ''
+  config.distillation.alpha = 0.5  # weight of the KD term; 1 - alpha on CE(head).
+  config.distillation.tau = 1.0  # temperature of soft KD.
+  config.distillation.dtype = 'float32'  # teacher compute dtype ('bfloat16': faster); fp32 params.
+  config.distillation.fsdp = False  # shard the teacher's weights over the fsdp axis (else copies).
 
   config.ema_decay = 0.99996  # timm ModelEma v1, every step; 0 disables the EMA.
 
@@ -159,4 +174,5 @@ def smoke(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   config.checkpoint_every_steps = 6
   config.eval_every_epochs = 0
   config.ema_decay = 0.9
+  config.distillation.type = 'none'  # no teacher file needed (tests add a small random one)
   return config

@@ -47,6 +47,7 @@ def get_config(arg=None):
   config.schedule.decay_epochs = config.get_ref('num_epochs')
   config.schedule.per_step = True
   config.ema_decay = 0.0  # 330 steps are too few for a useful EMA
+  config.distillation.type = 'none'  # no teacher for digits
 
   config.log_every_steps = 22  # once per epoch
   config.checkpoint_every_steps = 220

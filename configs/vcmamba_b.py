@@ -4,14 +4,16 @@ Command (one host with 8 GPUs; on a multi-host TPU slice or GPU cluster run it o
 adding --config.distributed=on where the environment is not auto-detected, see common.py):
 
   python main.py --config=configs/vcmamba_b.py --workdir=runs/vcmamba_b \
-      --config.data.data_dir=$TFDS_DATA_DIR
+      --config.data.data_dir=$TFDS_DATA_DIR \
+      --config.distillation.teacher_path=$HOME/regnety_160-a5fe301d.pth
 
 Hardware: one host with 8x H100 80GB (or 8x A100; a TPU v4-32/v5p-32 slice), float32 as
 upstream; mixed precision (bfloat16 compute, float32 parameters and optimizer) with
 --config.model.dtype=bfloat16. Global batch 1024 (128 per device on 8), peak lr 2e-3.
-Expected: 82.6% ImageNet-1k top-1 (paper); the authors distilled from a RegNetY-160 teacher,
-which this recipe replaces by label CE on both heads (see configs/common.py), so expect a little
-less. Raw and EMA weights are evaluated every epoch.
+Expected: 82.6% ImageNet-1k top-1 (paper); with soft distillation from DeiT's RegNetY-160
+teacher as the authors (download https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth;
+--config.distillation.type=none trains without it, on labels only: expect a little less).
+Raw and EMA weights are evaluated every epoch.
 img/s: see README benchmark table.
 Time: see README benchmark table.
 

@@ -56,6 +56,9 @@ def test_paper_recipe(name, paper_top1):
   assert d.randaugment == 'rand-m9-mstd0.5-inc1' and d.repeated_aug == 3
   assert d.eval_crop_pct == 0.875 and d.interpolation == 'bicubic'
   assert config.ema_decay == 0.99996 and config.loss.dist_head_weight == 0.5
+  t = config.distillation  # the released scripts: DeiT soft distillation from RegNetY-160
+  assert (t.type, t.teacher, t.alpha, t.tau) == ('soft', 'regnety_160', 0.5, 1.0)
+  assert module.get_config('smoke').distillation.type == 'none'  # no teacher file needed
 
 
 def test_smoke_is_tiny_and_unknown_args_fail():

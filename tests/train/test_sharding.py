@@ -111,7 +111,7 @@ def test_fsdp_min_size_keeps_small_arrays_replicated():
 def _one_step(mesh, fsdp_min_size):
   config, model, schedule, tx, state, shardings = _setup(mesh, fsdp_min_size)
   step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings)
-  state, metrics = step(state, sharding_lib.make_global_batch(mesh, _batch()))
+  state, metrics = step(state, sharding_lib.make_global_batch(mesh, _batch()), {})
   return jax.device_get((state, metrics))
 
 

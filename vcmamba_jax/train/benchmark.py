@@ -1,8 +1,9 @@
 """Speed of a config: train/eval img/s, step time, MFU and peak memory (scripts/benchmark.py).
 
 Measured, each after `warmup` untimed steps (compilation included there):
-  train_synthetic  the jitted train step (augmentation, forward, backward, AdamW, EMA) on a batch
-                   that already lives on the devices: the model's ceiling;
+  train_synthetic  the jitted train step (augmentation, the teacher's forward when distilling,
+                   forward, backward, AdamW, EMA) on a batch that already lives on the devices:
+                   the model's ceiling;
   eval_synthetic   the eval step (forward, top-1/top-5) of the raw weights, likewise;
   train_real       the same train step fed by the real grain pipeline of the config (host decode
                    and augmentation, host-to-device copy);
@@ -25,7 +26,7 @@ from ml_collections import ConfigDict
 
 from vcmamba_jax import data as data_lib
 from vcmamba_jax import sharding as sharding_lib
-from vcmamba_jax.train import optim, steps, trainer
+from vcmamba_jax.train import distillation, optim, steps, trainer
 from vcmamba_jax.train import state as state_lib
 
 # Dense peak TFLOP/s per device: (bf16, fp32 as the device runs it by default).
@@ -127,6 +128,13 @@ def benchmark(
       'global_batch_size': config.global_batch_size,
       'eval_batch_size': config.eval_batch_size,
       'mesh': dict(mesh.shape),
+      # The teacher (type 'soft'/'hard') runs inside the train step; 'none' = no teacher.
+      'distillation': config.distillation.type,
+      'teacher': (
+        f'{config.distillation.teacher} {config.distillation.dtype}'
+        if config.distillation.type != 'none'
+        else None
+      ),
     },
     'device': {
       'kind': device_kind,
@@ -152,16 +160,18 @@ def benchmark(
 
     return jax.jit(make, out_shardings=sharding_lib.batch_sharding(mesh))(jax.random.PRNGKey(1))
 
-  train_step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings)
+  teacher = distillation.load_teacher(config, mesh)
+  teacher_variables = teacher.variables if teacher else {}
+  train_step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher)
   batch = synthetic_batch(config.global_batch_size, with_mask=False)
-  compiled_train = train_step.lower(state, batch).compile()
+  compiled_train = train_step.lower(state, batch, teacher_variables).compile()
   train_flops = _flops_per_device(compiled_train)
 
   if 'train_synthetic' in modes:
     holder = {'state': state}
 
     def run_train():
-      holder['state'], metrics = compiled_train(holder['state'], batch)
+      holder['state'], metrics = compiled_train(holder['state'], batch, teacher_variables)
       return metrics
 
     seconds = _timed(run_train, num_steps, warmup, block)
@@ -210,7 +220,9 @@ def benchmark(
           global_batch = sharding_lib.make_global_batch(
             mesh, {k: host_batch[k] for k in trainer.TRAIN_KEYS}
           )
-          holder['state'], metrics = compiled_train(holder['state'], global_batch)
+          holder['state'], metrics = compiled_train(
+            holder['state'], global_batch, teacher_variables
+          )
           return metrics
 
         seconds = _timed(run_real, num_steps, warmup, block)
@@ -227,6 +239,9 @@ def format_table(report: dict[str, Any]) -> str:
     f'{config["model"]} {config["img_size"]}px {config["dtype"]} on {device["count"]}x '
     f'{device["kind"]} (peak {device["peak_tflops"] or "?"} TFLOP/s)'
   )
+  if config.get('teacher'):
+    title += f', {config["distillation"]} distillation from {config["teacher"]}'
+
   header = (
     f'{"measurement":<16}{"img/s":>10}{"img/s/dev":>11}{"step ms":>10}{"MFU":>8}'
     f'{"peak mem GiB":>14}'

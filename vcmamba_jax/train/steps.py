@@ -12,6 +12,7 @@ import optax
 from ml_collections import ConfigDict
 
 from vcmamba_jax import data as data_lib
+from vcmamba_jax.train import distillation
 from vcmamba_jax.train.optim import Schedule
 from vcmamba_jax.train.state import TrainState, ema_update
 
@@ -42,6 +43,33 @@ def two_head_loss(
   if dist_head_weight:
     loss += dist_head_weight * soft_target_cross_entropy(out['logits_dist'], targets).mean()
   return loss
+
+
+def distillation_loss(
+  out: Mapping[str, jax.Array],
+  targets: jax.Array,
+  teacher_logits: jax.Array,
+  *,
+  kind: str,
+  alpha: float,
+  tau: float,
+) -> jax.Array:
+  """DeiT's DistillationLoss (float32 scalar): (1 - alpha) * CE(head, targets) + alpha * KD.
+
+  Args:
+    out: the student's intermediates, with logits_head and logits_dist [B, K].
+    targets: soft (mixed, smoothed) targets [B, K].
+    teacher_logits: [B, K], the teacher's output on the student's input (no gradient).
+    kind: 'soft' (KL at temperature tau / number of logits) or 'hard' (CE on the argmax).
+  """
+  base = soft_target_cross_entropy(out['logits_head'], targets).mean()
+  if kind == 'soft':
+    kd = distillation.soft_distillation(out['logits_dist'], teacher_logits, tau)
+  elif kind == 'hard':
+    kd = distillation.hard_distillation(out['logits_dist'], teacher_logits)
+  else:
+    raise ValueError(f"distillation kind {kind!r}: 'soft' or 'hard'")
+  return (1.0 - alpha) * base + alpha * kd
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,11 +107,15 @@ def make_train_step(
   tx: optax.GradientTransformation,
   schedule: Schedule,
   config: ConfigDict,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-  """Returns `train_step(state, batch) -> (state, metrics)`.
+  teacher: nn.Module | None = None,
+) -> Callable[[TrainState, Batch, Any], tuple[TrainState, Metrics]]:
+  """Returns `train_step(state, batch, teacher_variables) -> (state, metrics)`.
 
   `batch`: global arrays image uint8 [B, H, W, 3], label int32 [B] and, optionally, num_skipped
   int32 [B] (undecodable records the input pipeline skipped, reported as a metric).
+  `teacher` / `teacher_variables`: with `config.distillation.type` 'soft' or 'hard', the frozen
+  teacher model and its {'params', 'batch_stats'}; it runs in eval mode on exactly the
+  augmented, mixed images the student sees, without gradient (and `{}` when there is none).
   `metrics`: scalars loss, grad_norm (global l2), param_norm (after the update), lr (of this
   update), update_ok (False when the loss or the gradients were non-finite: the update was not
   applied), skipped_updates (total so far) and skipped_records (this batch).
@@ -93,11 +125,20 @@ def make_train_step(
   ema_decay = config.ema_decay
   nan_at_step = config.debug.nan_at_step
   dist_head_weight = config.loss.dist_head_weight
+  kind = config.distillation.type
+  if (kind != 'none') != (teacher is not None):
+    raise ValueError(f'distillation.type={kind!r} and teacher={teacher!r} do not go together')
 
-  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+  def train_step(
+    state: TrainState, batch: Batch, teacher_variables: Any
+  ) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(state.rng, state.step)
     aug_rng, drop_path_rng = jax.random.split(step_rng)
     images, targets = augment_batch(aug_rng, batch, config)
+    teacher_logits = None
+    if teacher is not None:
+      teacher_logits, _ = teacher.apply(teacher_variables, images, train=False)
+      teacher_logits = jax.lax.stop_gradient(teacher_logits)
 
     def loss_fn(params):
       (_, out), updates = model.apply(
@@ -107,7 +148,17 @@ def make_train_step(
         mutable=['batch_stats'],
         rngs={'drop_path': drop_path_rng},
       )
-      loss = two_head_loss(out, targets, dist_head_weight)
+      if teacher is None:
+        loss = two_head_loss(out, targets, dist_head_weight)
+      else:
+        loss = distillation_loss(
+          out,
+          targets,
+          teacher_logits,
+          kind=kind,
+          alpha=config.distillation.alpha,
+          tau=config.distillation.tau,
+        )
       if nan_at_step > 0:  # fault injection (tests): a NaN loss and NaN gradients at that step
         loss = loss * jnp.where(state.step + 1 == nan_at_step, jnp.nan, 1.0)
       return loss, updates['batch_stats']

@@ -28,8 +28,8 @@ from vcmamba_jax import data as data_lib
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax.data import image_folder as image_folder_lib
 from vcmamba_jax.models import create_model
+from vcmamba_jax.train import distillation, optim, steps
 from vcmamba_jax.train import metrics as metrics_lib
-from vcmamba_jax.train import optim, steps
 from vcmamba_jax.train import state as state_lib
 
 TRAIN_KEYS = ('image', 'label', 'num_skipped')
@@ -196,11 +196,17 @@ def jit_train_step(
   config: ConfigDict,
   mesh: Mesh,
   shardings: state_lib.TrainState,
+  teacher: distillation.Teacher | None = None,
 ):
-  """`train_step(state, batch) -> (state, metrics)` with explicit shardings, state donated."""
+  """`train_step(state, batch, teacher_variables) -> (state, metrics)` with explicit shardings,
+  state donated; `teacher_variables` is `teacher.variables` (`{}` without a teacher)."""
   return jax.jit(
-    steps.make_train_step(model, tx, schedule, config),
-    in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+    steps.make_train_step(model, tx, schedule, config, teacher.model if teacher else None),
+    in_shardings=(
+      shardings,
+      sharding_lib.batch_sharding(mesh),
+      teacher.shardings if teacher else {},
+    ),
     out_shardings=(shardings, sharding_lib.replicated(mesh)),
     donate_argnums=(0,),
   )
@@ -337,6 +343,10 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     jax.devices()[0].device_kind,
     dict(mesh.shape),
   )
+  # The teacher first: a missing teacher file stops the run before any data is read.
+  teacher = distillation.load_teacher(config, mesh)
+  distillation.record_teacher(teacher, workdir)
+  teacher_variables = teacher.variables if teacher else {}
   train_source = open_source(config, config.data.train_split)
   steps_per_epoch = data_lib.train_steps_per_epoch(
     len(train_source), config.global_batch_size, config.data.repeated_aug
@@ -385,7 +395,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   # ----------------------------------------------------------------------------------------------
   # Jitted steps: explicit shardings, donated state.
   # ----------------------------------------------------------------------------------------------
-  train_step = jit_train_step(model, tx, schedule, config, mesh, shardings)
+  train_step = jit_train_step(model, tx, schedule, config, mesh, shardings, teacher)
   eval_shardings = {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
   if shardings.ema:
     eval_shardings['ema'] = shardings.ema
@@ -434,7 +444,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
       for step in range(start_step + 1, total_steps + 1):
         batch = next(train_iter)
         batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in TRAIN_KEYS})
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, batch, teacher_variables)
         pending.append((step, step_metrics))
         if not chrono.started:  # the first step compiled: time from its end
           jax.block_until_ready(step_metrics)
