@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,8 @@ from vcmamba_jax.train import distillation, steps
 from vcmamba_jax.train.metrics import read_metrics
 
 torch = pytest.importorskip('torch')
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A RegNet that is cheap at 32 px; random weights (a teacher that teaches nothing, but runs the
 # whole production path: loading, placement, the teacher's forward inside the step).
@@ -229,3 +233,32 @@ def test_teacher_from_a_file_is_placed_replicated_or_fsdp_sharded(imagenet_dir, 
   specs = [x.sharding.spec for x in jax.tree.leaves(teacher.variables)]
   assert any(sharding_lib.FSDP_AXIS in spec for spec in specs)
   assert all(x.sharding.spec == P() for x in jax.tree.leaves(random_teacher.variables))
+
+
+def test_benchmark_measures_the_step_with_a_teacher(imagenet_dir, tmp_path):
+  out = tmp_path / 'bench.json'
+  result = subprocess.run(
+    [
+      sys.executable,
+      'scripts/benchmark.py',
+      '--config=configs/vcmamba_s.py:smoke',
+      '--config.data.dataset=imagenet2012',
+      f'--config.data.data_dir={imagenet_dir}',
+      '--config.model.num_classes=1000',
+      *(f'--config.{key}={value}' for key, value in SMALL_TEACHER.items()),
+      '--modes=train_synthetic',
+      '--steps=1',
+      '--warmup_steps=1',
+      f'--json_out={out}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'soft distillation from regnety_002 float32' in result.stdout
+  report = json.loads(out.read_text())
+  assert report['config']['teacher'] == 'regnety_002 float32'
+  assert report['results']['train_synthetic']['img_per_sec'] > 0

@@ -119,6 +119,8 @@ def benchmark(
     use_ema=config.ema_decay > 0,
     fsdp_min_size=config.mesh.fsdp_min_size,
   )
+  teacher = distillation.load_teacher(config, mesh)
+  teacher_variables = teacher.variables if teacher else {}
   size = config.model.img_size
   report: dict[str, Any] = {
     'config': {
@@ -129,12 +131,8 @@ def benchmark(
       'eval_batch_size': config.eval_batch_size,
       'mesh': dict(mesh.shape),
       # The teacher (type 'soft'/'hard') runs inside the train step; 'none' = no teacher.
-      'distillation': config.distillation.type,
-      'teacher': (
-        f'{config.distillation.teacher} {config.distillation.dtype}'
-        if config.distillation.type != 'none'
-        else None
-      ),
+      'distillation': distillation.distillation_type(config),
+      'teacher': f'{teacher.name} {jnp.dtype(teacher.model.dtype).name}' if teacher else None,
     },
     'device': {
       'kind': device_kind,
@@ -160,8 +158,6 @@ def benchmark(
 
     return jax.jit(make, out_shardings=sharding_lib.batch_sharding(mesh))(jax.random.PRNGKey(1))
 
-  teacher = distillation.load_teacher(config, mesh)
-  teacher_variables = teacher.variables if teacher else {}
   train_step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher)
   batch = synthetic_batch(config.global_batch_size, with_mask=False)
   compiled_train = train_step.lower(state, batch, teacher_variables).compile()

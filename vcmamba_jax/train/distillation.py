@@ -101,13 +101,20 @@ class Teacher:
     return {'teacher': self.name, 'source': self.source, 'sha256': self.sha256}
 
 
+def distillation_type(config: ConfigDict) -> str:
+  """`config.distillation.type`; 'none' for configs without a distillation section (tasks such
+  as segmentation that have no teacher)."""
+  section = config.get('distillation')
+  return 'none' if section is None else section.type
+
+
 def check_config(config: ConfigDict) -> None:
   """Raises ValueError naming the field and the fix for an invalid `config.distillation`."""
+  if distillation_type(config) == 'none':
+    return
   d = config.distillation
   if d.type not in TYPES:
     raise ValueError(f'config.distillation.type={d.type!r}: expected one of {TYPES}')
-  if d.type == 'none':
-    return
   if d.teacher not in regnet.VARIANTS:
     raise ValueError(
       f'config.distillation.teacher={d.teacher!r} is not a registered RegNet; use '
@@ -169,9 +176,9 @@ def load_teacher(config: ConfigDict, mesh: Mesh) -> Teacher | None:
   is meant for benchmarks and tests: a random teacher teaches nothing.
   """
   check_config(config)
-  d = config.distillation
-  if d.type == 'none':
+  if distillation_type(config) == 'none':
     return None
+  d = config.distillation
   model = regnet.create_model(d.teacher, num_classes=config.model.num_classes, dtype=d.dtype)
   abstract = jax.eval_shape(_random_init_program(model), jax.random.key(0))
   if d.fsdp:
@@ -189,9 +196,14 @@ def load_teacher(config: ConfigDict, mesh: Mesh) -> Teacher | None:
     sha256 = hashlib.sha256(f'{d.teacher} {source}'.encode()).hexdigest()
   else:
     path = resolve_teacher_path(d.teacher_path)
-    _, host_variables = convert.load_pytorch_weights(
-      path, d.teacher, num_classes=config.model.num_classes
-    )
+    teacher_model, host_variables = convert.load_pytorch_weights(path, d.teacher)
+    if teacher_model.num_classes != config.model.num_classes:
+      raise ValueError(
+        f'the teacher {d.teacher_path} predicts {teacher_model.num_classes} classes but '
+        f'config.model.num_classes={config.model.num_classes}: distillation needs the '
+        "teacher's label set (ImageNet-1k for DeiT's). Fine-tuning on other labels: "
+        '--config.distillation.type=none.'
+      )
     variables = state_lib.put_variables(host_variables, shardings)
     source = d.teacher_path if convert.is_hub_path(d.teacher_path) else os.path.abspath(path)
     sha256 = file_sha256(path)

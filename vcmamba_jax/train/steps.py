@@ -125,7 +125,7 @@ def make_train_step(
   ema_decay = config.ema_decay
   nan_at_step = config.debug.nan_at_step
   dist_head_weight = config.loss.dist_head_weight
-  kind = config.distillation.type
+  kind = distillation.distillation_type(config)
   if (kind != 'none') != (teacher is not None):
     raise ValueError(f'distillation.type={kind!r} and teacher={teacher!r} do not go together')
 
