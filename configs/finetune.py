@@ -74,6 +74,7 @@ def get_config(arg=None) -> config_dict.ConfigDict:
   config.schedule.decay_epochs = config.get_ref('num_epochs')
   config.schedule.per_step = True
   config.ema_decay = 0.0
+  config.distillation.type = 'none'  # the ImageNet teacher knows none of the new labels
 
   config.log_every_steps = 20
   config.checkpoint_every_steps = 500
