@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+import vcmamba_jax
 from configs import finetune
 from tests.hub_cache import add_to_hub_cache
 from tests.scripts import conftest as scripts_fixtures
+from tests.scripts.conftest import load_script
 from vcmamba_jax import train
 from vcmamba_jax.data import image_folder as image_folder_lib
 
@@ -87,6 +90,17 @@ def test_finetune_on_an_image_folder_trains_evaluates_and_resumes(
   rows = read_metrics(workdir)
   assert [r['step'] for r in rows if 'train/loss' in r] == [2, 4, 6]
   assert np.isfinite(second['eval/loss'])
+
+  # The fine-tuned run is weights for predict/export/the Hub: as a workdir, or converted into an
+  # uploadable save_pretrained folder.
+  model, variables = vcmamba_jax.load_pretrained(workdir)
+  assert (model.name, model.num_classes, model.img_size) == (None, 3, 32)
+  assert variables['params']['head']['kernel'].shape == (64, 3)
+  folder_out = tmp_path / 'upload'
+  argv = ['--input', str(workdir), '--output', str(folder_out)]
+  assert load_script('convert_weights').main(argv) == 0
+  _, exported = vcmamba_jax.load_pretrained(folder_out)
+  jax.tree.map(np.testing.assert_array_equal, exported, jax.device_get(variables))
 
 
 def test_image_folder_split_is_deterministic_and_stratified(tmp_path):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vcmamba_jax import checkpoint as checkpoint_lib
 from vcmamba_jax.convert import hub as hub_lib
 from vcmamba_jax.convert import pytorch as pytorch_lib
 from vcmamba_jax.models import vcmamba as vcmamba_lib
@@ -238,6 +239,29 @@ def _read_orbax_format(directory: str) -> tuple[str, dict[str, Any], dict[str, A
   return meta['name'], dict(meta['model_kwargs']), variables
 
 
+def _read_training_run(state_dir: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """(variant, kwargs, variables) of one of our training checkpoints: the model from the run's
+  config.json (written by the trainer into the workdir), the raw (not EMA) weights."""
+  workdir = os.path.dirname(os.path.dirname(os.path.dirname(state_dir)))
+  config_path = os.path.join(workdir, CONFIG_JSON)
+  try:
+    with open(config_path) as f:
+      model_config = json.load(f)['model']
+    name = model_config['name']
+    kwargs = {
+      'num_classes': int(model_config['num_classes']),
+      'img_size': int(model_config['img_size']),
+    }
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise pytorch_lib.CheckpointError(
+      f"{state_dir} is a training checkpoint, but {config_path} (the run's config, which names "
+      f'the model) is missing or unreadable ({e}); pass the workdir that holds both'
+    ) from e
+  tree = checkpoint_lib.read_training_weights(state_dir)
+  variables = {c: jax.tree.map(jnp.asarray, tree[c]) for c in ('params', 'batch_stats')}
+  return name, kwargs, variables
+
+
 def adapt_variables(
   variables: dict[str, Any],
   model: vcmamba_lib.VCMamba,
@@ -308,8 +332,9 @@ def adapt_variables(
 def load_pretrained(
   path: str | os.PathLike, name: str | None = None, *, reinit_heads: bool = False, **overrides
 ):
-  """Loads a save_pretrained folder, a PyTorch-format file (.pth/.npz/.safetensors) or either
-  from the Hugging Face Hub.
+  """Loads a save_pretrained folder, a PyTorch-format file (.pth/.npz/.safetensors), either from
+  the Hugging Face Hub, or a training run of ours (workdir, checkpoints dir or step dir: the
+  latest checkpoint's raw weights, the model from the run's config.json).
 
   Args:
     path: the folder or file, or a Hub path: 'hf-hub:owner/name/file[@revision]' (a file in a
@@ -328,11 +353,20 @@ def load_pretrained(
   path = os.fspath(path)
   if hub_lib.is_hub_path(path):
     path = hub_lib.resolve(path)
-  if os.path.isdir(path):
+  state_dir = None
+  if os.path.isdir(path) and not is_exported_model(path):
+    state_dir = checkpoint_lib.find_training_checkpoint(path)
+  if state_dir is not None:
+    stored_name, kwargs, variables = _read_training_run(state_dir)
+    if name is not None and name != stored_name:
+      raise pytorch_lib.CheckpointError(f'{path} holds a {stored_name} model, not {name}')
+    name = stored_name
+  elif os.path.isdir(path):
     if not is_exported_model(path):
       raise pytorch_lib.CheckpointError(
-        f'{path} is a directory without a vcmamba_jax {CONFIG_JSON}: expected a save_pretrained '
-        'folder (scripts/convert_weights.py) or a PyTorch file'
+        f'{path} is a directory without a vcmamba_jax {CONFIG_JSON} or a training checkpoint: '
+        'expected a save_pretrained folder (scripts/convert_weights.py), a training workdir or '
+        'a PyTorch file'
       )
     stored_name, kwargs, variables = _read_exported(path)
     if name is not None and name != stored_name:
