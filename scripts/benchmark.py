@@ -1,11 +1,17 @@
 r"""Training and evaluation speed of a config: img/s, step time, MFU, peak memory.
 
   python scripts/benchmark.py --config=configs/vcmamba_b.py --config.model.dtype=bfloat16 \
+      --config.distillation.type=none \
       --config.data.data_dir=$TFDS_DATA_DIR --json_out=bench_b_bf16.json
   python scripts/benchmark.py --config=configs/vcmamba_s.py:smoke   # CPU check, seconds
   # a batch sweep (train and eval at each global batch size), for scripts/plot_benchmark.py
   python scripts/benchmark.py --config=configs/vcmamba_b.py --config.model.dtype=bfloat16 \
+      --config.distillation.type=none \
       --modes=train_synthetic,eval_synthetic --batch_sizes=32,64,128,256,512 --json_out=sweep_b.json
+  # the recipe's train step with its RegNetY-160 teacher (random weights run at the same speed)
+  python scripts/benchmark.py --config=configs/vcmamba_b.py --config.model.dtype=bfloat16 \
+      --config.distillation.teacher_path=random --config.distillation.dtype=bfloat16 \
+      --modes=train_synthetic --json_out=bench_b_bf16_teacher.json
 
 Prints a table and optionally writes JSON. What is measured and how MFU is defined:
 `vcmamba_jax/train/benchmark.py`. Without the config's dataset only the synthetic measurements

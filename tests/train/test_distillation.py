@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +19,10 @@ from tests.train.smoke import NUM_TRAIN_STEPS, smoke_config
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax import train
 from vcmamba_jax.convert import regnet as regnet_convert
-from vcmamba_jax.train import distillation, steps
+from vcmamba_jax.train import benchmark, distillation, steps
 from vcmamba_jax.train.metrics import read_metrics
 
 torch = pytest.importorskip('torch')
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A RegNet that is cheap at 32 px; random weights (a teacher that teaches nothing, but runs the
 # whole production path: loading, placement, the teacher's forward inside the step).
@@ -235,30 +231,10 @@ def test_teacher_from_a_file_is_placed_replicated_or_fsdp_sharded(imagenet_dir, 
   assert all(x.sharding.spec == P() for x in jax.tree.leaves(random_teacher.variables))
 
 
-def test_benchmark_measures_the_step_with_a_teacher(imagenet_dir, tmp_path):
-  out = tmp_path / 'bench.json'
-  result = subprocess.run(
-    [
-      sys.executable,
-      'scripts/benchmark.py',
-      '--config=configs/vcmamba_s.py:smoke',
-      '--config.data.dataset=imagenet2012',
-      f'--config.data.data_dir={imagenet_dir}',
-      '--config.model.num_classes=1000',
-      *(f'--config.{key}={value}' for key, value in SMALL_TEACHER.items()),
-      '--modes=train_synthetic',
-      '--steps=1',
-      '--warmup_steps=1',
-      f'--json_out={out}',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'soft distillation from regnety_002 float32' in result.stdout
-  report = json.loads(out.read_text())
+def test_benchmark_measures_the_step_with_a_teacher(imagenet_dir):
+  config = smoke_config(imagenet_dir, **SMALL_TEACHER)
+  report = benchmark.benchmark(config, num_steps=1, warmup=1, modes=['train_synthetic'])
+  assert report['config']['distillation'] == 'soft'
   assert report['config']['teacher'] == 'regnety_002 float32'
   assert report['results']['train_synthetic']['img_per_sec'] > 0
+  assert 'soft distillation from regnety_002 float32' in benchmark.format_table(report)
