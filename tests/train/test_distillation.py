@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import vcmamba_jax
+from tests.hub_cache import add_to_hub_cache
 from tests.train.smoke import NUM_TRAIN_STEPS, smoke_config
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax import train
@@ -201,7 +202,9 @@ def test_distilled_run_resumes_with_identical_losses(distilled_run, imagenet_dir
       assert resumed[step][key] == reference[step][key], (step, key)
 
 
-def test_teacher_from_a_file_is_placed_replicated_or_fsdp_sharded(imagenet_dir, tmp_path):
+def test_teacher_from_a_file_is_placed_replicated_or_fsdp_sharded(
+  imagenet_dir, tmp_path, monkeypatch
+):
   from safetensors.numpy import save_file
 
   config = smoke_config(imagenet_dir, **SMALL_TEACHER)
@@ -229,6 +232,21 @@ def test_teacher_from_a_file_is_placed_replicated_or_fsdp_sharded(imagenet_dir, 
   specs = [x.sharding.spec for x in jax.tree.leaves(teacher.variables)]
   assert any(sharding_lib.FSDP_AXIS in spec for spec in specs)
   assert all(x.sharding.spec == P() for x in jax.tree.leaves(random_teacher.variables))
+
+  # timm's layout on the Hugging Face Hub (offline, from a prepared cache): 'hf-hub:owner/name'.
+  monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hf_cache'))
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  add_to_hub_cache(tmp_path / 'hf_cache', 'timm/regnety_002.test', {'model.safetensors': path})
+  hub_config = smoke_config(
+    imagenet_dir, **{**SMALL_TEACHER, 'distillation.teacher_path': 'hf-hub:timm/regnety_002.test'}
+  )
+  from_hub = distillation.load_teacher(hub_config, mesh)
+  assert from_hub.source == 'hf-hub:timm/regnety_002.test' and from_hub.sha256 == teacher.sha256
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(from_hub.variables),
+    jax.device_get(random_teacher.variables),
+  )
 
 
 def test_benchmark_measures_the_step_with_a_teacher(imagenet_dir):
