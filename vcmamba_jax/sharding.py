@@ -13,7 +13,8 @@ XLA inserts the all-gathers / reduce-scatters that FSDP needs from the shardings
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -50,6 +51,19 @@ def create_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> M
     axis_types=(AxisType.Auto, AxisType.Auto),
     devices=devices,
   )
+
+
+def traced_under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """`fn` traced with `mesh` as the abstract mesh context, for code that must know the mesh
+  while tracing: the Pallas TPU scan wraps its kernels in a `shard_map` over it (XLA cannot
+  partition Mosaic kernels). Wrap a function before `jax.jit`-ing it."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

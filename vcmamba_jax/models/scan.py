@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcmamba_jax.models import scan_pallas
+from vcmamba_jax.models import scan_pallas, scan_tpu
 
-ScanImpl = Literal['auto', 'associative', 'sequential', 'fused']
-SCAN_IMPLS = ('auto', 'associative', 'sequential', 'fused')
+ScanImpl = Literal['auto', 'associative', 'sequential', 'chunked', 'fused', 'pallas_tpu']
+SCAN_IMPLS = ('auto', 'associative', 'sequential', 'chunked', 'fused', 'pallas_tpu')
+CHUNK_TOKENS = 8  # tokens per rematerialised chunk of impl='chunked'
 
 # Direction codes of the zig-zag scans: the move that arrives at a token.
 DIR_START, DIR_RIGHT, DIR_LEFT, DIR_UP, DIR_DOWN = 0, 1, 2, 3, 4
@@ -127,6 +128,63 @@ _RECURRENCES = {
 }
 
 
+def resolve_auto(length: int, inner: int, delta_softplus: bool = True, platform: str | None = None):
+  """What impl='auto' runs on `platform` (default: JAX's default backend): 'fused' on GPUs for
+  short sequences, 'pallas_tpu' on TPUs, else 'associative'."""
+  platform = platform or jax.default_backend()
+  if not delta_softplus:
+    return 'associative'
+  if platform == 'tpu':
+    return 'pallas_tpu'
+  if scan_pallas.fused_scan_supported(length, inner):
+    return 'fused'
+  return 'associative'
+
+
+def _selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus):
+  """The scan as a ``lax.scan`` over chunks of CHUNK_TOKENS tokens, each chunk under
+  ``jax.checkpoint``: peak memory is the chunk-boundary states [L / chunk, ..., E, N] plus one
+  chunk's [chunk, ..., E, N] instead of [..., L, E, N] (the non-Pallas fallback on TPU)."""
+  f32 = jnp.float32
+  out_dtype = u.dtype
+  length = u.shape[-2]
+  rank = max(x.ndim for x in (u, delta, B, C))
+  u, delta, B, C = (
+    x.astype(f32).reshape((1,) * (rank - x.ndim) + x.shape) for x in (u, delta, B, C)
+  )
+  A = A.astype(f32)
+  bias = 0.0 if delta_bias is None else delta_bias.astype(f32)
+  chunk = min(CHUNK_TOKENS, length)
+  blocks = -(-length // chunk)
+  pad = blocks * chunk - length
+
+  def chunked(x):  # [..., L, K] -> [blocks, chunk, ..., K] (padded tokens carry no signal)
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
+    x = jnp.moveaxis(x, -2, 0)
+    return x.reshape((blocks, chunk) + x.shape[1:])
+
+  state_shape = jnp.broadcast_shapes(u.shape[:-2], delta.shape[:-2], B.shape[:-2]) + A.shape
+
+  @jax.checkpoint
+  def body(h, xs):
+    u_c, delta_c, b_c, c_c = xs  # [chunk, ..., E] / [chunk, ..., N]
+    dt = delta_c + bias
+    if delta_softplus:
+      dt = softplus(dt)
+    decay = jnp.exp(dt[..., None] * A)
+    drive = (dt * u_c)[..., None] * b_c[..., None, :]
+    drive = drive.at[0].add(decay[0] * h)  # enter the chunk from the carried state
+    states = _linear_recurrence_associative(decay, drive, 0)
+    y = jnp.einsum('t...en,t...n->t...e', states, c_c, precision=jax.lax.Precision.HIGHEST)
+    return states[-1], y
+
+  _, ys = jax.lax.scan(body, jnp.zeros(state_shape, f32), tuple(map(chunked, (u, delta, B, C))))
+  y = jnp.moveaxis(ys.reshape((blocks * chunk,) + ys.shape[2:]), 0, -2)[..., :length, :]
+  if D is not None:
+    y = y + u * D.astype(f32)
+  return y.astype(out_dtype)
+
+
 def selective_scan(
   u: jax.Array,
   delta: jax.Array,
@@ -152,8 +210,10 @@ def selective_scan(
     delta_bias: optional [E] added to delta before softplus.
     delta_softplus: apply softplus to delta (mamba's ``delta_softplus=True``).
     impl: 'associative' (``jax.lax.associative_scan``, the default), 'sequential'
-      (``jax.lax.scan``, the reference), 'fused' (Pallas GPU kernels, see scan_pallas) or
-      'auto' ('fused' on GPUs for short sequences, else 'associative').
+      (``jax.lax.scan``, the reference), 'chunked' (a ``lax.scan`` over rematerialised chunks
+      of CHUNK_TOKENS tokens: only chunk-boundary states are kept for the backward pass),
+      'fused' (Pallas GPU kernels, see scan_pallas), 'pallas_tpu' (Pallas TPU kernels, see
+      scan_tpu) or 'auto' (see ``resolve_auto``).
 
   Returns:
     y: [..., L, E] in ``u.dtype``.
@@ -161,12 +221,17 @@ def selective_scan(
   if impl not in SCAN_IMPLS:
     raise ValueError(f'unknown scan impl {impl!r}; expected one of {SCAN_IMPLS}')
   if impl == 'auto':
-    supported = scan_pallas.fused_scan_supported(u.shape[-2], u.shape[-1])
-    impl = 'fused' if supported and delta_softplus else 'associative'
+    impl = resolve_auto(u.shape[-2], u.shape[-1], delta_softplus)
   if impl == 'fused':
     return scan_pallas.selective_scan_fused(
       u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus
     )
+  if impl == 'pallas_tpu':
+    return scan_tpu.selective_scan_tpu(
+      u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus
+    )
+  if impl == 'chunked':
+    return _selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)
   f32 = jnp.float32
   out_dtype = u.dtype
   u, delta, A, B, C = (x.astype(f32) for x in (u, delta, A, B, C))

@@ -91,6 +91,8 @@ def init_sharded(
 ) -> TrainState:
   """Runs `init` as one jitted program whose outputs are created directly with `shardings`:
   each device only ever holds its own shards and no parameter passes through host memory."""
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  init = sharding_lib.traced_under_mesh(init, mesh)
   return jax.jit(init, out_shardings=shardings, compiler_options=_init_compiler_options())(rng)
 
 

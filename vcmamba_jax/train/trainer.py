@@ -201,7 +201,9 @@ def jit_train_step(
   """`train_step(state, batch, teacher_variables) -> (state, metrics)` with explicit shardings,
   state donated; `teacher_variables` is `teacher.variables` (`{}` without a teacher)."""
   return jax.jit(
-    steps.make_train_step(model, tx, schedule, config, teacher.model if teacher else None),
+    sharding_lib.traced_under_mesh(
+      steps.make_train_step(model, tx, schedule, config, teacher.model if teacher else None), mesh
+    ),
     in_shardings=(
       shardings,
       sharding_lib.batch_sharding(mesh),
@@ -216,7 +218,7 @@ def jit_eval_step(model: nn.Module, mesh: Mesh, weight_shardings: Mapping[str, A
   """`eval_step(weights, batch, sums) -> sums` with explicit shardings (sums donated)."""
   replicated = sharding_lib.replicated(mesh)
   return jax.jit(
-    steps.make_eval_step(model),
+    sharding_lib.traced_under_mesh(steps.make_eval_step(model), mesh),
     in_shardings=(weight_shardings, sharding_lib.batch_sharding(mesh), replicated),
     out_shardings=replicated,
     donate_argnums=(2,),

@@ -1,0 +1,347 @@
+"""Ahead-of-time compilation of the training program for a Cloud TPU slice, on any host.
+
+`compile_for_topology(config, 'v5e:16x16')` builds what `train_and_evaluate` builds (the mesh, the
+sharded TrainState from shapes only, the jitted train and eval steps), but over the devices of a
+TPU topology description (`jax.experimental.topologies`, needs `libtpu`: the `[tpu]` extra) and
+compiles both steps for that slice without any TPU attached. The compiled programs' memory
+analysis, cost analysis and HLO say whether a step fits the chip's HBM, how much it computes and
+moves, and which collectives it runs (scripts/aot_compile.py prints them).
+
+`scan_impl='auto'` resolves to what it would pick on a TPU ('pallas_tpu'): the compile traces on
+this host, whose default backend is not the target's.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from vcmamba_jax import sharding as sharding_lib
+from vcmamba_jax.models import scan as scan_lib
+from vcmamba_jax.train import optim, steps, trainer
+from vcmamba_jax.train import state as state_lib
+
+GiB = 2**30
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+@dataclass(frozen=True)
+class Chip:
+  """Per-chip numbers of a TPU generation (Cloud TPU system-architecture pages)."""
+
+  name: str  # the topology prefix: v4, v5e, v5p, v6e
+  device_kind: str  # jax's device_kind
+  hbm_bytes: int
+  peak_bf16_tflops: float
+  hbm_gbytes_per_s: float
+
+
+CHIPS: dict[str, Chip] = {
+  'v4': Chip('v4', 'TPU v4', 32 * GiB, 275.0, 1228.0),
+  'v5e': Chip('v5e', 'TPU v5 lite', 16 * GiB, 197.0, 819.0),
+  'v5p': Chip('v5p', 'TPU v5', 95 * GiB, 459.0, 2765.0),
+  'v6e': Chip('v6e', 'TPU v6 lite', 32 * GiB, 918.0, 1640.0),
+}
+_TOPOLOGY = re.compile(r'^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$')
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+
+
+def parse_topology(topology: str) -> tuple[Chip, int]:
+  """'v5e:16x16' -> (CHIPS['v5e'], 256). Raises ValueError naming the accepted forms."""
+  match = _TOPOLOGY.match(topology.strip())
+  if not match:
+    raise ValueError(
+      f'unknown TPU topology {topology!r}: expected <generation>:<chips per axis>, generation '
+      f'one of {sorted(CHIPS)}, e.g. v5e:4x4 (v5e-16), v5e:16x16 (v5e-256), v6e:8x8, v4:2x2x4 '
+      '(v4-32: 16 chips), v5p:4x4x4 (v5p-128: 64 chips). v4/v5p take 3 axes, v5e/v6e 2.'
+    )
+  name, dims = match.groups()
+  sizes = [int(d) for d in dims.split('x')]
+  if (len(sizes) == 3) != (name in ('v4', 'v5p')):
+    raise ValueError(
+      f'TPU topology {topology!r}: {name} slices are described by '
+      + ('3 axes, e.g. v4:2x2x4' if name in ('v4', 'v5p') else '2 axes, e.g. v5e:4x4')
+    )
+  return CHIPS[name], int(np.prod(sizes))
+
+
+def topology_devices(topology: str) -> tuple[list[Any], Chip]:
+  """The devices of a TPU slice described by `topology` (no TPU needed; libtpu is)."""
+  chip, _ = parse_topology(topology)
+  try:
+    from jax.experimental import topologies
+  except ImportError as e:  # pragma: no cover - part of jax
+    raise RuntimeError('jax.experimental.topologies is missing from this jax') from e
+  try:
+    desc = topologies.get_topology_desc(topology_name=topology, platform='tpu')
+  except Exception as e:
+    raise ValueError(
+      f'cannot describe TPU topology {topology!r}: {e}. Compiling for a TPU needs libtpu: '
+      'pip install -e ".[tpu]" (jax[tpu] at the installed jax version). Slices must be whole '
+      'hosts (e.g. v5e:2x2 or larger, v4:2x2x1 or larger).'
+    ) from e
+  return list(desc.devices), chip
+
+
+def resolve_scan_impl(config: ConfigDict) -> str:
+  """The scan impl the model uses on a TPU for `config.model.scan_impl`."""
+  impl = config.model.scan_impl
+  return scan_lib.resolve_auto(0, 0, platform='tpu') if impl == 'auto' else impl
+
+
+def _batch_structs(mesh, batch: int, image_size: int, eval_batch: bool) -> dict[str, Any]:
+  sharding = sharding_lib.batch_sharding(mesh)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  keys = trainer.EVAL_KEYS if eval_batch else trainer.TRAIN_KEYS
+  dtypes = {
+    'image': ((batch, image_size, image_size, 3), jnp.uint8),
+    'label': ((batch,), jnp.int32),
+    'mask': ((batch,), jnp.bool_),
+    'num_skipped': ((batch,), jnp.int32),
+  }
+  return {k: spec(*dtypes[k]) for k in keys}
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+
+
+def _shape_bytes(text: str) -> int:
+  """Bytes of an HLO result shape such as 'f32[64,128]{1,0}' or '(bf16[8], f32[2,2])'."""
+  sizes = {'f64': 8, 's64': 8, 'u64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2}
+  sizes.update({'s16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1, 'f8e4m3fn': 1, 'f8e5m2': 1})
+  total = 0
+  for dtype, dims in re.findall(r'([a-z0-9]+)\[([0-9,]*)\]', text):
+    if dtype in sizes:
+      total += sizes[dtype] * int(np.prod([int(d) for d in dims.split(',') if d] or [1]))
+  return total
+
+
+def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Collectives of a compiled (partitioned) HLO module: {kind: {'count', 'bytes'}}.
+
+  bytes: the per-device size of each collective's result (the last tuple element for async
+  all-gather / collective-permute starts, whose tuple also holds the operand), summed.
+  """
+  counts: Counter = Counter()
+  nbytes: Counter = Counter()
+  pattern = re.compile(r'=\s*(\(.*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+([a-z-]+)\(')
+  for line in hlo_text.splitlines():
+    match = pattern.search(line)
+    if not match:
+      continue
+    shape, opcode = match.groups()
+    kind = opcode[: -len('-start')] if opcode.endswith('-start') else opcode
+    if kind not in COLLECTIVES or opcode.endswith('-done'):
+      continue
+    if opcode.endswith('-start') and kind in ('all-gather', 'collective-permute'):
+      parts = re.findall(r'[a-z0-9]+\[[0-9,]*\]', shape)
+      shape = parts[-1] if parts else shape
+    counts[kind] += 1
+    nbytes[kind] += _shape_bytes(shape)
+  return {k: {'count': counts[k], 'bytes': nbytes[k]} for k in COLLECTIVES if counts[k]}
+
+
+def _memory(compiled) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  args, out, temp = m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes
+  alias = m.alias_size_in_bytes  # donated inputs reused as outputs are counted once
+  return {
+    'arguments': int(args),
+    'outputs': int(out),
+    'temporaries': int(temp),
+    'aliased': int(alias),
+    'generated_code': int(m.generated_code_size_in_bytes),
+    'total': int(args + out + temp - alias + m.generated_code_size_in_bytes),
+  }
+
+
+def _cost(compiled) -> dict[str, float]:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  return {
+    'flops': float(analysis.get('flops', 0.0)),
+    'bytes_accessed': float(analysis.get('bytes accessed', 0.0)),
+    'transcendentals': float(analysis.get('transcendentals', 0.0)),
+  }
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  text = str(error)
+  return 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text or 'out of memory' in text
+
+
+def compile_for_topology(
+  config: ConfigDict, topology: str, *, per_chip_batch: int | None = None, with_eval: bool = True
+) -> dict[str, Any]:
+  """Compiles `config`'s train (and eval) step for the TPU slice `topology`; returns a report.
+
+  Args:
+    config: a training config (configs/*.py); its mesh, model, optimizer and augmentation are
+      used as `main.py` would use them. `config.model.scan_impl='auto'` means the TPU's choice.
+    topology: e.g. 'v5e:16x16' (see `parse_topology`).
+    per_chip_batch: overrides config.global_batch_size (and eval_batch_size) with this many
+      images per chip; default: the config's global batch, which must divide by the chips.
+    with_eval: also compile the eval step (raw + EMA weights, as main.py evaluates).
+
+  Returns:
+    A JSON-able dict: topology, chips, chip kind, mesh, per-chip batch, memory per chip of the
+    train step (arguments, outputs, temporaries, total) against HBM, fits, FLOPs and bytes per
+    step and chip, collectives, a roofline step-time estimate, scan_impl, compile seconds, the
+    parameter/optimizer bytes per chip, and the same for the eval step.
+  """
+  devices, chip = topology_devices(topology)
+  num_chips = len(devices)
+  config = ConfigDict(config.to_dict())  # unlocked copy: the batch and scan impl may change
+  if per_chip_batch is not None:
+    if per_chip_batch < 1:
+      raise ValueError(f'per_chip_batch must be >= 1, got {per_chip_batch}')
+    config.global_batch_size = per_chip_batch * num_chips
+    config.eval_batch_size = per_chip_batch * num_chips
+  for name in ('global_batch_size', 'eval_batch_size'):
+    if config[name] < 1 or config[name] % num_chips:
+      raise ValueError(
+        f'config.{name}={config[name]} does not divide over the {num_chips} chips of '
+        f'{topology}; use a multiple of {num_chips} (e.g. --per_chip_batch=N sets '
+        f'{num_chips}*N).'
+      )
+  scan_impl = resolve_scan_impl(config)
+  config.model.scan_impl = scan_impl
+  mesh = sharding_lib.create_mesh(config.mesh.fsdp, devices=devices)
+
+  # As train_and_evaluate: model, optimizer and the sharded state, from shapes only.
+  steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // config.global_batch_size)
+  model = trainer.build_model(config)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch)
+  tx = optim.create_optimizer(config, schedule)
+  init = state_lib.make_initializer(
+    model, tx, image_size=config.model.img_size, use_ema=config.ema_decay > 0
+  )
+  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = sharding_lib.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
+  state_structs = _with_shardings(abstract_state, shardings)
+
+  report: dict[str, Any] = {
+    'topology': topology,
+    'chips': num_chips,
+    'chip_kind': devices[0].device_kind,
+    'model': config.model.name,
+    'dtype': config.model.dtype,
+    'mesh': {k: int(v) for k, v in mesh.shape.items()},
+    'global_batch': int(config.global_batch_size),
+    'per_chip_batch': int(config.global_batch_size // num_chips),
+    'scan_impl': scan_impl,
+    'remat_scan': bool(config.model.remat_scan),
+    'hbm_per_chip': chip.hbm_bytes,
+    'state_bytes_per_chip': _per_chip_bytes(abstract_state, shardings),
+    'params_opt_bytes_per_chip': _per_chip_bytes(
+      (abstract_state.params, abstract_state.opt_state),
+      (shardings.params, shardings.opt_state),
+    ),
+  }
+
+  train_step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings)
+  batch = _batch_structs(mesh, config.global_batch_size, config.model.img_size, False)
+  report['train'] = _compile(train_step, (state_structs, batch), chip)
+  report['fits'] = report['train']['fits']
+
+  if with_eval:
+    eval_shardings = {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
+    if shardings.ema:
+      eval_shardings['ema'] = shardings.ema
+    weights = _with_shardings(
+      jax.eval_shape(lambda s: s.eval_weights(), abstract_state), eval_shardings
+    )
+    replicated = sharding_lib.replicated(mesh)
+    sums = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      steps.init_eval_sums(list(eval_shardings)),
+    )
+    eval_step = trainer.jit_eval_step(model, mesh, eval_shardings)
+    eval_batch = _batch_structs(mesh, config.eval_batch_size, config.model.img_size, True)
+    report['eval'] = _compile(eval_step, (weights, eval_batch, sums), chip)
+    report['fits'] = report['fits'] and report['eval']['fits']
+  return report
+
+
+def _per_chip_bytes(abstract: Any, shardings: Any) -> int:
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    shard = sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard, dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _compile(jitted, args: tuple, chip: Chip) -> dict[str, Any]:
+  start = time.perf_counter()
+  lowered = jitted.lower(*args)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:
+    if not _is_out_of_memory(e):
+      raise
+    return {
+      'fits': False,
+      'error': str(e).strip().splitlines()[0][:500],
+      'compile_seconds': time.perf_counter() - start,
+    }
+  seconds = time.perf_counter() - start
+  memory = _memory(compiled)
+  cost = _cost(compiled)
+  compute_s = cost['flops'] / (chip.peak_bf16_tflops * 1e12)
+  memory_s = cost['bytes_accessed'] / (chip.hbm_gbytes_per_s * 1e9)
+  return {
+    'fits': memory['total'] <= chip.hbm_bytes,
+    'memory': memory,
+    **cost,
+    'collectives': hlo_collectives(compiled.as_text()),
+    # Roofline: the step cannot be faster than its FLOPs at the chip's bf16 peak or its HBM
+    # traffic at the chip's bandwidth; real steps are slower (MXU/VPU utilisation, collectives).
+    'step_time_lower_bound_s': max(compute_s, memory_s),
+    'bound_by': 'compute' if compute_s >= memory_s else 'hbm',
+    'compile_seconds': seconds,
+  }
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """A human-readable table of `compile_for_topology`'s report."""
+  gib = lambda b: f'{b / GiB:.2f} GiB'
+  lines = [
+    f'{report["model"]} ({report["dtype"]}) on {report["topology"]}: {report["chips"]} x '
+    f'{report["chip_kind"]}, mesh {report["mesh"]}, {report["per_chip_batch"]} images per chip '
+    f'(global {report["global_batch"]}), scan {report["scan_impl"]}',
+    f'params + optimizer per chip: {gib(report["params_opt_bytes_per_chip"])}; whole train state '
+    f'per chip: {gib(report["state_bytes_per_chip"])}',
+  ]
+  header = f'{"step":<6} {"args":>10} {"temps":>10} {"outputs":>10} {"total":>10} {"HBM":>10}'
+  header += f' {"fits":>5} {"TFLOP":>8} {"GB moved":>9} {"t_min ms":>9} {"compile s":>9}'
+  lines.append(header)
+  for name in ('train', 'eval'):
+    r = report.get(name)
+    if r is None:
+      continue
+    if 'memory' not in r:
+      lines.append(f'{name:<6} does not fit: {r["error"]}')
+      continue
+    m = r['memory']
+    lines.append(
+      f'{name:<6} {gib(m["arguments"]):>10} {gib(m["temporaries"]):>10} {gib(m["outputs"]):>10} '
+      f'{gib(m["total"]):>10} {gib(report["hbm_per_chip"]):>10} {str(r["fits"]):>5} '
+      f'{r["flops"] / 1e12:>8.3f} {r["bytes_accessed"] / 1e9:>9.2f} '
+      f'{r["step_time_lower_bound_s"] * 1e3:>9.1f} {r["compile_seconds"]:>9.1f}'
+    )
+    for kind, c in r['collectives'].items():
+      lines.append(f'       {kind}: {c["count"]} ops, {c["bytes"] / 2**20:.1f} MiB per chip')
+  return '\n'.join(lines)
