@@ -17,7 +17,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-os.environ.setdefault('TPU_STDERR_LOG_LEVEL', '3')  # libtpu: no start-up warnings (no TPU here)
+# This host only compiles: JAX runs on the CPU (no attempt to open a TPU), libtpu is only the
+# compiler, so several compiles may share it, and its start-up warnings about the missing TPU are
+# silenced.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+os.environ.setdefault('TPU_STDERR_LOG_LEVEL', '3')
 os.environ.setdefault('TPU_MIN_LOG_LEVEL', '3')
 
 from absl import app, flags
@@ -35,12 +40,23 @@ _PER_CHIP = flags.DEFINE_integer(
 )
 _NO_EVAL = flags.DEFINE_bool('skip_eval', False, 'Compile the train step only.')
 _JSON_OUT = flags.DEFINE_string('json_out', None, 'Also write the report here.')
-flags.mark_flags_as_required(['config', 'topology'])
+_APPEND_TO = flags.DEFINE_string(
+  'append_to', None, 'Also append the report to this JSON list (e.g. docs/tpu_aot_results.json).'
+)
+_TABLE_FROM = flags.DEFINE_string(
+  'table_from', None, 'Print the README table of a JSON list of reports and exit (no compile).'
+)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _TABLE_FROM.value:
+    with open(_TABLE_FROM.value) as f:
+      print(aot.markdown_table(json.load(f)))
+    return
+  if not _CONFIG.value or not _TOPOLOGY.value:
+    raise app.UsageError('--config and --topology are required')
   metrics_lib.quiet_library_logs()
   try:
     report = aot.compile_for_topology(
@@ -52,6 +68,13 @@ def main(argv: list[str]) -> None:
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, 'w') as f:
       json.dump(report, f, indent=2)
+  if _APPEND_TO.value:
+    reports = []
+    if os.path.exists(_APPEND_TO.value):
+      with open(_APPEND_TO.value) as f:
+        reports = json.load(f)
+    with open(_APPEND_TO.value, 'w') as f:
+      json.dump(reports + [report], f, indent=1)
   print(json.dumps(report))
 
 

@@ -13,7 +13,11 @@ this host, whose default backend is not the target's.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -73,6 +77,33 @@ def parse_topology(topology: str) -> tuple[Chip, int]:
   return CHIPS[name], int(np.prod(sizes))
 
 
+# What libtpu prints to stderr when it loads on a host without a TPU (harmless: we only compile).
+_LIBTPU_NOISE = re.compile(
+  r'TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|Logging before InitGoogle|Source Location Trace|'
+  r'libtpu_init_utils|Failed to find host bounds|^\s*$'
+)
+
+
+@contextlib.contextmanager
+def _libtpu_noise_filtered():
+  """Captures the process's stderr (fd 2, where libtpu's C++ logging goes) and re-emits every
+  line but libtpu's start-up warnings about the missing TPU."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode='w+b') as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      for line in capture.read().decode(errors='replace').splitlines():
+        if not _LIBTPU_NOISE.search(line):
+          print(line, file=sys.stderr)
+
+
 def topology_devices(topology: str) -> tuple[list[Any], Chip]:
   """The devices of a TPU slice described by `topology` (no TPU needed; libtpu is)."""
   chip, _ = parse_topology(topology)
@@ -81,7 +112,8 @@ def topology_devices(topology: str) -> tuple[list[Any], Chip]:
   except ImportError as e:  # pragma: no cover - part of jax
     raise RuntimeError('jax.experimental.topologies is missing from this jax') from e
   try:
-    desc = topologies.get_topology_desc(topology_name=topology, platform='tpu')
+    with _libtpu_noise_filtered():
+      desc = topologies.get_topology_desc(topology_name=topology, platform='tpu')
   except Exception as e:
     raise ValueError(
       f'cannot describe TPU topology {topology!r}: {e}. Compiling for a TPU needs libtpu: '
@@ -254,8 +286,13 @@ def compile_for_topology(
 
   train_step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings)
   batch = _batch_structs(mesh, config.global_batch_size, config.model.img_size, False)
-  report['train'] = _compile(train_step, (state_structs, batch), chip)
+  report['train'], compiled = _compile(train_step, (state_structs, batch), chip)
   report['fits'] = report['train']['fits']
+  if compiled is not None:  # what the executable's own input shardings put on each chip
+    state_in = compiled.input_shardings[0][0]
+    report['train']['params_opt_bytes_per_chip'] = _per_chip_bytes(
+      (abstract_state.params, abstract_state.opt_state), (state_in.params, state_in.opt_state)
+    )
 
   if with_eval:
     eval_shardings = {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
@@ -271,7 +308,7 @@ def compile_for_topology(
     )
     eval_step = trainer.jit_eval_step(model, mesh, eval_shardings)
     eval_batch = _batch_structs(mesh, config.eval_batch_size, config.model.img_size, True)
-    report['eval'] = _compile(eval_step, (weights, eval_batch, sums), chip)
+    report['eval'], _ = _compile(eval_step, (weights, eval_batch, sums), chip)
     report['fits'] = report['fits'] and report['eval']['fits']
   return report
 
@@ -284,9 +321,10 @@ def _per_chip_bytes(abstract: Any, shardings: Any) -> int:
   return total
 
 
-def _compile(jitted, args: tuple, chip: Chip) -> dict[str, Any]:
+def _compile(jitted, args: tuple, chip: Chip) -> tuple[dict[str, Any], Any]:
   start = time.perf_counter()
   lowered = jitted.lower(*args)
+  lower_seconds = time.perf_counter() - start
   try:
     compiled = lowered.compile()
   except Exception as e:
@@ -296,7 +334,7 @@ def _compile(jitted, args: tuple, chip: Chip) -> dict[str, Any]:
       'fits': False,
       'error': str(e).strip().splitlines()[0][:500],
       'compile_seconds': time.perf_counter() - start,
-    }
+    }, None
   seconds = time.perf_counter() - start
   memory = _memory(compiled)
   cost = _cost(compiled)
@@ -311,8 +349,9 @@ def _compile(jitted, args: tuple, chip: Chip) -> dict[str, Any]:
     # traffic at the chip's bandwidth; real steps are slower (MXU/VPU utilisation, collectives).
     'step_time_lower_bound_s': max(compute_s, memory_s),
     'bound_by': 'compute' if compute_s >= memory_s else 'hbm',
-    'compile_seconds': seconds,
-  }
+    'compile_seconds': seconds,  # tracing + lowering (Mosaic kernels included) + XLA compile
+    'lower_seconds': lower_seconds,
+  }, compiled
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -345,3 +384,34 @@ def format_report(report: dict[str, Any]) -> str:
     for kind, c in r['collectives'].items():
       lines.append(f'       {kind}: {c["count"]} ops, {c["bytes"] / 2**20:.1f} MiB per chip')
   return '\n'.join(lines)
+
+
+def markdown_table(reports: list[dict[str, Any]]) -> str:
+  """README table of recorded reports (one row each; see scripts/aot_compile.py --table_from)."""
+  gib = lambda b: f'{b / GiB:.2f}'
+  rows = [
+    '| model | slice | mesh | dtype | batch/chip | scan | train GiB/chip (of HBM) | fits | '
+    'TFLOP/step/chip | GB moved/step/chip | step-time bound | all-reduce MiB/chip | compile s |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  for r in reports:
+    t = r['train']
+    mesh = 'fsdp' if r['mesh'].get('fsdp', 1) > 1 else 'data'
+    chips, prefix = r['chips'], r['topology'].split(':')[0]
+    # Cloud TPU names count TensorCores for v4/v5p (2 per chip), chips for v5e/v6e.
+    slice_name = f'{prefix}-{chips * (2 if prefix in ("v4", "v5p") else 1)}'
+    if 'memory' not in t:
+      rows.append(
+        f'| {r["model"]} | {slice_name} | {mesh} | {r["dtype"]} | {r["per_chip_batch"]} | '
+        f'{r["scan_impl"]} | out of memory | False | | | | | {t["compile_seconds"]:.0f} |'
+      )
+      continue
+    allreduce = t['collectives'].get('all-reduce', {}).get('bytes', 0) / 2**20
+    rows.append(
+      f'| {r["model"]} | {slice_name} | {mesh} | {r["dtype"]} | {r["per_chip_batch"]} | '
+      f'{r["scan_impl"]} | {gib(t["memory"]["total"])} ({gib(r["hbm_per_chip"])}) | '
+      f'{r["fits"]} | {t["flops"] / 1e12:.2f} | {t["bytes_accessed"] / 1e9:.1f} | '
+      f'{t["step_time_lower_bound_s"] * 1e3:.0f} ms ({t["bound_by"]}) | {allreduce:.0f} | '
+      f'{t["compile_seconds"]:.0f} |'
+    )
+  return '\n'.join(rows)
