@@ -3,9 +3,14 @@ needs libtpu (the [tpu] extra, part of [dev]); no TPU."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytest.importorskip('libtpu')
+# Before any JAX backend loads libtpu: compiling needs no exclusive hold on it (another compile,
+# e.g. scripts/aot_compile.py, may be running on this host).
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 from configs import vcmamba_s
 from vcmamba_jax.train import aot

@@ -29,8 +29,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from vcmamba_jax import sharding as sharding_lib
+from vcmamba_jax.models import regnet
 from vcmamba_jax.models import scan as scan_lib
-from vcmamba_jax.train import optim, steps, trainer
+from vcmamba_jax.train import distillation, optim, steps, trainer
 from vcmamba_jax.train import state as state_lib
 
 GiB = 2**30
@@ -111,6 +112,9 @@ def topology_devices(topology: str) -> tuple[list[Any], Chip]:
     from jax.experimental import topologies
   except ImportError as e:  # pragma: no cover - part of jax
     raise RuntimeError('jax.experimental.topologies is missing from this jax') from e
+  # libtpu takes a host-wide lock when it loads, which would serialise compiles (and fail a
+  # second one); compiling touches no TPU, so sharing is safe.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     with _libtpu_noise_filtered():
       desc = topologies.get_topology_desc(topology_name=topology, platform='tpu')
@@ -284,9 +288,12 @@ def compile_for_topology(
     ),
   }
 
-  train_step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings)
+  teacher = _abstract_teacher(config, mesh)
+  report['distillation'] = distillation.distillation_type(config)
+  train_step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher)
   batch = _batch_structs(mesh, config.global_batch_size, config.model.img_size, False)
-  report['train'], compiled = _compile(train_step, (state_structs, batch), chip)
+  teacher_args = teacher.variables if teacher else {}
+  report['train'], compiled = _compile(train_step, (state_structs, batch, teacher_args), chip)
   report['fits'] = report['train']['fits']
   if compiled is not None:  # what the executable's own input shardings put on each chip
     state_in = compiled.input_shardings[0][0]
@@ -311,6 +318,23 @@ def compile_for_topology(
     report['eval'], _ = _compile(eval_step, (weights, eval_batch, sums), chip)
     report['fits'] = report['fits'] and report['eval']['fits']
   return report
+
+
+def _abstract_teacher(config: ConfigDict, mesh) -> distillation.Teacher | None:
+  """`distillation.load_teacher`'s Teacher with shapes instead of weights (no file needed)."""
+  distillation.check_config(config)
+  if distillation.distillation_type(config) == 'none':
+    return None
+  d = config.distillation
+  model = regnet.create_model(d.teacher, num_classes=config.model.num_classes, dtype=d.dtype)
+  abstract = jax.eval_shape(distillation._random_init_program(model), jax.random.key(0))
+  if d.fsdp:
+    shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
+  else:
+    shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract)
+  return distillation.Teacher(
+    d.teacher, model, _with_shardings(abstract, shardings), shardings, 'shapes only', ''
+  )
 
 
 def _per_chip_bytes(abstract: Any, shardings: Any) -> int:
@@ -358,7 +382,8 @@ def format_report(report: dict[str, Any]) -> str:
   """A human-readable table of `compile_for_topology`'s report."""
   gib = lambda b: f'{b / GiB:.2f} GiB'
   lines = [
-    f'{report["model"]} ({report["dtype"]}) on {report["topology"]}: {report["chips"]} x '
+    f'{report["model"]} ({report["dtype"]}, distillation {report["distillation"]}) on '
+    f'{report["topology"]}: {report["chips"]} x '
     f'{report["chip_kind"]}, mesh {report["mesh"]}, {report["per_chip_batch"]} images per chip '
     f'(global {report["global_batch"]}), scan {report["scan_impl"]}',
     f'params + optimizer per chip: {gib(report["params_opt_bytes_per_chip"])}; whole train state '
