@@ -179,7 +179,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--class_names',
     default=None,
-    help='text file with one class name per line (for non-ImageNet heads)',
+    help='text file with one class name per line (for non-ImageNet heads; default: '
+    'class_names.txt beside --weights, which a fine-tune on an image folder writes)',
   )
   parser.add_argument(
     '--json', action='store_true', help='print one JSON object per image instead of text'
@@ -207,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   try:
     model, variables = convert.load_pretrained(args.weights, args.model, dtype=DTYPES[args.dtype])
+    # A fine-tune on an image folder leaves its class names in the workdir.
+    beside = os.path.join(args.weights, 'class_names.txt')
+    if args.class_names is None and os.path.isfile(beside):
+      args.class_names = beside
     names = class_names(model.num_classes, args.class_names)
   except (convert.CheckpointError, OSError, ImportError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)

@@ -75,6 +75,7 @@ def test_finetune_on_an_image_folder_trains_evaluates_and_resumes(
   log = caplog.text
   assert 'skipping' in log and 'broken.jpg' in log  # the non-image is skipped, with one line
   assert 'Initialised the weights from pretrained weights hf-hub:someone/vcmamba-nano' in log
+  assert (workdir / 'class_names.txt').read_text() == 'cat\ndog\nfish\n'
   saved = json.loads((workdir / 'config.json').read_text())
   assert saved['model']['num_classes'] == 3  # 0 = from the data
   assert 0 <= first['eval/top1'] <= 1 and np.isfinite(first['eval/loss'])

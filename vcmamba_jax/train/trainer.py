@@ -288,6 +288,17 @@ def load_weights(
   return adapted, f'checkpoint {os.path.dirname(state_dir)}'
 
 
+CLASS_NAMES_FILE = 'class_names.txt'
+
+
+def _write_class_names(config: ConfigDict, workdir: str) -> None:
+  """An image folder's class names, one per line in label order, for predict.py."""
+  folder = _image_folder(config)
+  if folder is not None and jax.process_index() == 0:
+    with open(os.path.join(workdir, CLASS_NAMES_FILE), 'w') as f:
+      f.write(''.join(f'{name}\n' for name in folder.classes))
+
+
 def _fetch_hub_weights(path: str) -> None:
   """Downloads Hub weights into the Hugging Face cache (or finds them there) before anything
   compiles, so that a wrong name or an offline miss fails in seconds, not after the init."""
@@ -332,6 +343,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   if config.init_from and checkpoint_lib.find_training_checkpoint(workdir) is None:
     _fetch_hub_weights(config.init_from)
   _write_config(config, workdir)
+  _write_class_names(config, workdir)
   writer = metrics_lib.MetricWriter(workdir)
 
   # ----------------------------------------------------------------------------------------------
