@@ -146,10 +146,13 @@ def imagenet_recipe(model_name: str) -> config_dict.ConfigDict:
   # is saved after the last good one); True = go on and count the skipped updates.
   config.skip_nonfinite_updates = False
 
+  # Resuming checks the workdir's stored config: changes that break an exact resume (seed,
+  # global batch, model, data stream, augmentation, EMA) are refused unless this is True.
+  config.force_resume = False
+
   # Fault injection for tests; -1 = off. Steps count from 1 (the first update is step 1).
   config.debug = config_dict.ConfigDict()
   config.debug.nan_at_step = -1  # make the loss of this step NaN.
-  config.debug.sigterm_at_step = -1  # send SIGTERM to this process after this step.
   return config
 
 

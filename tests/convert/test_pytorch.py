@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -110,8 +111,12 @@ def test_pth_with_arbitrary_code_is_refused(tmp_path):
 
   path = tmp_path / 'evil.pth'  # any class off the allow-list stands for arbitrary code
   torch.save({'model': {'x': torch.zeros(1)}, 'payload': fractions.Fraction(1, 3)}, path)
-  with pytest.raises(CheckpointError, match='could not read'):
+  with pytest.raises(CheckpointError) as info:
     read_state_dict(path)
+  message = str(info.value)
+  assert 'loading refused for safety' in message
+  assert 'asks to import fractions.Fraction' in message  # the rejected global, not cut off
+  assert 'weights_only' not in message  # no advice to turn the protection off
 
 
 def test_safetensors(golden_state, tmp_path):
@@ -129,8 +134,9 @@ def test_wrong_variant_is_named(golden_state, tmp_path):
   path = tmp_path / 's.npz'
   np.savez(path, **golden_state)
   assert guess_variant(golden_state) == 'vcmamba_s'
-  with pytest.raises(CheckpointError, match='looks like a vcmamba_s checkpoint'):
+  with pytest.raises(CheckpointError, match='looks like a vcmamba_s checkpoint') as info:
     vcmamba_jax.load_pytorch_weights(path, 'vcmamba_b')
+  assert 'pos_embed is' not in str(info.value)  # same 7x7 grid: no "7x7 vs 7x7" line
 
 
 def test_missing_and_unexpected_keys_are_listed(golden_state, tmp_path):
@@ -188,6 +194,39 @@ def test_exported_directory_round_trip_and_adaptation(nano_variables, tmp_path):
     load_pretrained(directory, num_classes=5)
   with pytest.raises(CheckpointError, match='holds a vcmamba_nano model'):
     load_pretrained(directory, 'vcmamba_b')
+
+
+def test_damaged_exported_directory_names_the_file_and_the_fix(nano_variables, tmp_path):
+  import orbax.checkpoint as ocp
+
+  directory = save_pretrained(
+    tmp_path / 'export', nano_variables, 'vcmamba_nano', num_classes=10, img_size=64
+  )
+  weights = os.path.join(directory, 'model.safetensors')
+  with open(weights, 'r+b') as f:
+    f.truncate(100)
+  with pytest.raises(CheckpointError) as info:
+    load_pretrained(directory)
+  message = str(info.value)
+  assert weights in message and 'corrupt' in message
+  assert 'export it again' in message and '--overwrite' in message
+  # The earlier format (model.json + an orbax variables/ dir) with a file missing: the file is
+  # named instead of a page of tensorstore JSON.
+  legacy = tmp_path / 'legacy'
+  legacy.mkdir()
+  (legacy / 'model.json').write_text(
+    '{"name": "vcmamba_nano", "model_kwargs": {"num_classes": 10, "img_size": 64}}'
+  )
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(legacy / 'variables', nano_variables)
+  checkpointer.wait_until_finished()
+  assert load_pretrained(legacy)[0].num_classes == 10
+  os.remove(legacy / 'variables' / 'manifest.ocdbt')
+  with pytest.raises(CheckpointError) as info:
+    load_pretrained(legacy)
+  message = str(info.value)
+  assert 'is damaged or incomplete: variables/manifest.ocdbt is missing; export it again' in message
+  assert '{' not in message
 
 
 def test_load_pretrained_detects_variant_of_pytorch_files(golden_state, tmp_path):

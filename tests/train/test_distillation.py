@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -191,9 +192,12 @@ def test_teacher_is_not_in_the_optimizer_state_or_the_checkpoint(distilled_run):
 
 
 def test_distilled_run_resumes_with_identical_losses(distilled_run, imagenet_dir, tmp_path):
-  config = smoke_config(imagenet_dir, **{**SMALL_TEACHER, 'debug.sigterm_at_step': 3})
+  config = smoke_config(imagenet_dir, **SMALL_TEACHER)
   workdir = str(tmp_path)
-  assert train.run(config, workdir)['preempted']
+  sigterm_after_3 = train.Hooks(
+    after_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+  )
+  assert train.run(config, workdir, hooks=sigterm_after_3)['preempted']
   assert not train.run(config, workdir).get('preempted')
   resumed, reference = _train_rows(workdir), _train_rows(distilled_run)
   assert sorted(resumed) == sorted(reference)

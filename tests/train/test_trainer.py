@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -61,9 +62,12 @@ def test_smoke_run_on_8_devices_learns(reference_run):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, imagenet_dir, tmp_path):
-  config = smoke_config(imagenet_dir, **{'debug.sigterm_at_step': 3})
+  config = smoke_config(imagenet_dir)
   workdir = str(tmp_path)
-  first = train.run(config, workdir)  # SIGTERM after step 3: saves step 3, returns
+  sigterm_after_3 = train.Hooks(
+    after_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM)
+  )
+  first = train.run(config, workdir, hooks=sigterm_after_3)  # saves step 3, returns
   assert first['preempted']
   assert checkpoint.create_manager(workdir, max_to_keep=3, read_only=True).latest_step() == 3
   assert max(_train_rows(workdir)) == 3

@@ -217,9 +217,35 @@ def _read_exported(directory: str) -> tuple[str, dict[str, Any], dict[str, Any]]
         '(re-run save_pretrained / scripts/convert_weights.py, or download it again)'
       )
     model = vcmamba_lib.create_model(name, **kwargs)
-    state = pytorch_lib.read_state_dict(weights)
+    try:
+      state = pytorch_lib.read_state_dict(weights)
+    except pytorch_lib.CheckpointError as e:
+      raise pytorch_lib.CheckpointError(f'{e}; {_fix_for(directory)}') from None
     return name, kwargs, pytorch_lib.state_dict_to_variables(state, model, source=weights)
   return _read_orbax_format(directory)
+
+
+def _fix_for(directory: str) -> str:
+  return (
+    'export it again (python scripts/convert_weights.py --input=<the original weights> '
+    f'--output={directory} --overwrite) or download it again'
+  )
+
+
+def _unreadable_file(variables_dir: str, error: Exception) -> str:
+  """The file of an orbax directory that `error` is about, in a few words (tensorstore reports
+  pages of JSON specs)."""
+  for name in ('_METADATA', 'manifest.ocdbt'):
+    if not os.path.exists(os.path.join(variables_dir, name)):
+      return f'{VARIABLES_DIR}/{name} is missing'
+  text = str(error)
+  for root, _, names in os.walk(variables_dir):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), variables_dir)
+      if rel in text:
+        return f'{VARIABLES_DIR}/{rel} cannot be read'
+  lines = text.strip().splitlines()
+  return f'{VARIABLES_DIR} cannot be read ({lines[0][:200] if lines else type(error).__name__})'
 
 
 def _read_orbax_format(directory: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -233,8 +259,13 @@ def _read_orbax_format(directory: str) -> tuple[str, dict[str, Any], dict[str, A
       f'{directory}/{MODEL_JSON} is not a vcmamba_jax model '
       f'description (unknown fields {sorted(unknown)})'
     )
-  checkpointer = ocp.StandardCheckpointer()
-  tree = checkpointer.restore(os.path.join(os.path.abspath(directory), VARIABLES_DIR))
+  target = os.path.join(os.path.abspath(directory), VARIABLES_DIR)
+  try:
+    tree = ocp.StandardCheckpointer().restore(target)
+  except Exception as e:
+    raise pytorch_lib.CheckpointError(
+      f'{directory} is damaged or incomplete: {_unreadable_file(target, e)}; ' + _fix_for(directory)
+    ) from None
   variables = {c: jax.tree.map(jnp.asarray, tree[c]) for c in ('params', 'batch_stats')}
   return meta['name'], dict(meta['model_kwargs']), variables
 

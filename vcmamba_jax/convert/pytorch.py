@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -150,6 +151,14 @@ def _read_pth(path: str) -> Mapping[str, Any]:
     with torch.serialization.safe_globals([argparse.Namespace]):
       obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+    refused = re.search(r'GLOBAL ([\w.]+)', str(e))
+    if refused:
+      raise CheckpointError(
+        f'{path}: loading refused for safety: the file asks to import {refused.group(1)}, which '
+        'is not tensor data (unpickling it could run arbitrary code). Only state_dicts of '
+        'tensors (plus argparse.Namespace) are read; if you trust the file, re-save just its '
+        'tensors (torch.save(state_dict) or safetensors) and load that.'
+      ) from None
     raise CheckpointError(
       f'could not read {path} as a PyTorch checkpoint '
       f'({type(e).__name__}: {str(e)[:300]}); is the file corrupt or '
@@ -320,8 +329,8 @@ def state_dict_to_variables(
       lines[0] += f': it looks like a {guess} checkpoint; pass name={guess!r}'
     elif guess is None and (missing or unexpected):
       lines[0] += ' (its structure matches no registered variant)'
-    if 'pos_embed' in mismatched:
-      grid = given['pos_embed'][-1]
+    if 'pos_embed' in mismatched and given['pos_embed'][-1] != expected['pos_embed'][-1]:
+      grid = given['pos_embed'][-1]  # a different resolution, not a different width
       lines.append(
         f'pos_embed is {grid}x{grid} but the model expects '
         f'{expected["pos_embed"][-1]}x{expected["pos_embed"][-1]}: pass '

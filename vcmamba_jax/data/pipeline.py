@@ -329,6 +329,24 @@ def _close_at_exit(iterator: grain.DatasetIterator) -> grain.DatasetIterator:
   return iterator
 
 
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1) -> None:
+  """grain `worker_init_fn`: the worker exits within a second of its parent's death, however
+  the parent died (kill -9, OOM), instead of living on as an orphan using CPU and memory.
+
+  A watcher thread, not prctl(PR_SET_PDEATHSIG): grain starts workers from short-lived threads,
+  and the kernel sends that signal when the creating *thread* exits.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch() -> None:
+    while os.getppid() == parent:  # an orphan is re-parented (to init or a subreaper)
+      time.sleep(0.5)
+    os._exit(1)
+
+  threading.Thread(target=watch, name='vcmamba-exit-with-parent', daemon=True).start()
+
+
 def _maybe_mp_prefetch(
   ds: grain.IterDataset, num_workers: int, worker_buffer_size: int
 ) -> grain.IterDataset:
@@ -337,7 +355,8 @@ def _maybe_mp_prefetch(
     ds = ds.mp_prefetch(
       grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=worker_buffer_size
-      )
+      ),
+      worker_init_fn=exit_with_parent,
     )
   return ds
 

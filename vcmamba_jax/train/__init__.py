@@ -1,5 +1,6 @@
 """Training and evaluation: the loop, train state, steps, schedule/optimizer and metrics."""
 
+from vcmamba_jax.train.hooks import Hooks
 from vcmamba_jax.train.trainer import (
   TrainingDivergedError,
   evaluate,
@@ -9,6 +10,7 @@ from vcmamba_jax.train.trainer import (
 )
 
 __all__ = [
+  'Hooks',
   'TrainingDivergedError',
   'evaluate',
   'initialize_distributed',

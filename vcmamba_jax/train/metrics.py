@@ -24,16 +24,34 @@ METRICS_FILE = 'metrics.jsonl'
 
 class MetricWriter:
   """Appends `{"step": s, "<name>": value, ...}` lines to `workdir/metrics.jsonl` and scalar
-  summaries to TensorBoard event files in `workdir` (`tensorboard --logdir=<workdir>`)."""
+  summaries to TensorBoard event files in `workdir` (`tensorboard --logdir=<workdir>`).
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  `resume_step`: the step a training run (re)starts from (0 for a fresh start). Rows of later
+  steps, written by an earlier attempt that died before its next checkpoint, are dropped from
+  metrics.jsonl, and TensorBoard is told to purge them (a SessionLog START event), so every
+  step appears once.
+  """
+
+  def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
     self._events = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')  # noqa: SIM115 (run-long)
+      path = os.path.join(workdir, METRICS_FILE)
+      if resume_step is not None:
+        _drop_rows_after(path, resume_step)
+      self._jsonl = open(path, 'a')  # noqa: SIM115 (run-long)
       self._events = EventFileWriter(workdir)
+      if resume_step is not None:
+        # TensorBoard drops the events of steps >= this one written before it (orphaned data).
+        self._events.add_event(
+          event_pb2.Event(
+            wall_time=time.time(),
+            step=int(resume_step) + 1,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+          )
+        )
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Writes scalar `metrics` at `step` (non-numbers are skipped for TensorBoard)."""
@@ -60,6 +78,33 @@ class MetricWriter:
       self._jsonl.close()
       self._events.close()
       self.enabled = False
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row_step = json.loads(line)['step']
+    except (ValueError, KeyError, TypeError):
+      continue  # a line cut short by a crash
+    if row_step <= step:
+      kept.append(line if line.endswith('\n') else line + '\n')
+  if len(kept) == len(lines):
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+  logging.info(
+    '%s: dropped %d rows past step %d (they are redone after the resume).',
+    path,
+    len(lines) - len(kept),
+    step,
+  )
 
 
 def _to_python(value: Any) -> Any:
@@ -156,11 +201,25 @@ class _LibraryInfoFilter(std_logging.Filter):
   """Drops INFO/DEBUG records of chatty libraries (orbax logs ~30 lines per checkpoint)."""
 
   LIBRARIES = ('/orbax/', '/grain/', '/tensorflow_datasets/')
+  # orbax's reports of a failed background save; the trainer reports it in one line.
+  REPORTED_BY_US = ('in background save thread', 'Save Finalize thread')
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or not any(
-      lib in record.pathname for lib in self.LIBRARIES
-    )
+    if not any(lib in record.pathname for lib in self.LIBRARIES):
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    if not _verbose() and any(m in str(record.msg) for m in self.REPORTED_BY_US):
+      return False
+    if record.exc_info and not _verbose():
+      # e.g. orbax logs a failed background save with pages of traceback; the trainer reports
+      # it in one line (VCMAMBA_VERBOSE=1 keeps the traceback).
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _verbose() -> bool:
+  return os.environ.get('VCMAMBA_VERBOSE', '') not in ('', '0')
 
 
 def quiet_library_logs() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +30,9 @@ from vcmamba_jax.models import create_model
 from vcmamba_jax.train import distillation, optim, steps
 from vcmamba_jax.train import metrics as metrics_lib
 from vcmamba_jax.train import state as state_lib
+from vcmamba_jax.train import validate as validate_lib
+from vcmamba_jax.train import workdir as workdir_lib
+from vcmamba_jax.train.hooks import Hooks
 
 TRAIN_KEYS = ('image', 'label', 'num_skipped')
 EVAL_KEYS = ('image', 'label', 'mask', 'num_skipped')
@@ -41,12 +43,17 @@ class TrainingDivergedError(FloatingPointError):
   """The loss or the gradients became NaN/Inf (and skip_nonfinite_updates is off)."""
 
 
-def run(config: ConfigDict, workdir: str) -> dict[str, Any]:
-  """Entry point of `main.py` (and notebooks): `config.mode` 'train' or 'eval'."""
+def run(config: ConfigDict, workdir: str, hooks: Hooks | None = None) -> dict[str, Any]:
+  """Entry point of `main.py` (and notebooks): `config.mode` 'train' or 'eval'.
+
+  The config is validated first (`validate.ConfigError`, one line, nothing touched). `hooks`:
+  callbacks for tests (see `Hooks`).
+  """
+  validate_lib.validate_config(config)
   initialize_distributed(config.distributed)
   metrics_lib.quiet_library_logs()
   if config.mode == 'train':
-    return train_and_evaluate(config, workdir)
+    return train_and_evaluate(config, workdir, hooks=hooks)
   if config.mode == 'eval':
     return evaluate(config, workdir)
   raise ValueError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
@@ -226,27 +233,45 @@ def jit_eval_step(model: nn.Module, mesh: Mesh, weight_shardings: Mapping[str, A
 
 
 def run_evaluation(
-  eval_step, weights: Mapping[str, Any], dataset: grain.IterDataset, mesh: Mesh
+  eval_step,
+  weights: Mapping[str, Any],
+  dataset: grain.IterDataset,
+  mesh: Mesh,
+  num_batches: int | None = None,
+  announce_compile: bool = True,
 ) -> dict[str, float]:
   """One exact pass over the eval split for every weight set: top1/top5/loss (+ ema_*).
 
-  Logs progress every `EVAL_PROGRESS_SECONDS` (a full ImageNet pass takes minutes)."""
+  Logs a compile notice before the first batch (`announce_compile`), then progress with an ETA
+  (from `num_batches`, the batches of the pass) after the first batch and every
+  `EVAL_PROGRESS_SECONDS` (a full ImageNet pass takes minutes)."""
   sums = jax.device_put(steps.init_eval_sums(list(weights)), sharding_lib.replicated(mesh))
   iterator = iter(dataset)
+  total = '?' if num_batches is None else str(num_batches)
   start = last_log = time.perf_counter()
-  num_batches = 0
+  done = 0
   try:
     for batch in iterator:
       batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in EVAL_KEYS})
+      if done == 0 and announce_compile:
+        logging.info('Compiling the eval step (the first eval batch)...')
       sums = eval_step(weights, batch, sums)
-      num_batches += 1
-      if time.perf_counter() - last_log > EVAL_PROGRESS_SECONDS:
+      done += 1
+      if done == 1 or time.perf_counter() - last_log > EVAL_PROGRESS_SECONDS:
+        jax.block_until_ready(sums)
         last_log = time.perf_counter()
-        logging.info('eval: %d batches in %.0f s', num_batches, last_log - start)
+        eta = None if num_batches is None else (last_log - start) / done * (num_batches - done)
+        logging.info(
+          'eval: %d/%s batches in %.0f s, ETA %s',
+          done,
+          total,
+          last_log - start,
+          metrics_lib.format_duration(eta),
+        )
   finally:
     iterator.close()
   results = steps.summarize_eval(jax.device_get(sums))
-  logging.info('eval: %d batches in %.1f s', num_batches, time.perf_counter() - start)
+  logging.info('eval: %d batches in %.1f s', done, time.perf_counter() - start)
   return results
 
 
@@ -274,6 +299,13 @@ def load_weights(
       path, config.model.name, reinit_heads=reinit_heads, **model_kwargs(config)
     )
     return {'': variables}, f'pretrained weights {path}'
+  step_dir = os.path.dirname(state_dir)
+  problem = checkpoint_lib.verify_step(step_dir) if checkpoint_lib.has_manifest(step_dir) else None
+  if problem is not None:
+    raise checkpoint_lib.CheckpointDamagedError(
+      f'checkpoint {step_dir} is damaged: {problem}. Pass an intact step directory instead, '
+      f'e.g. --config.eval_from={os.path.dirname(step_dir)}/<step>'
+    )
   tree = checkpoint_lib.read_training_weights(state_dir)
   sets = {'': {'params': tree['params'], 'batch_stats': tree['batch_stats']}}
   if with_ema and tree.get('ema'):
@@ -308,13 +340,6 @@ def _fetch_hub_weights(path: str) -> None:
     logging.info('init_from %s: %s', path, convert.resolve_hub_path(path))
 
 
-def _write_config(config: ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
 def _check_batch_sizes(config: ConfigDict) -> None:
   for name in ('global_batch_size', 'eval_batch_size'):
     size = config[name]
@@ -330,22 +355,44 @@ def _check_batch_sizes(config: ConfigDict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and evaluates.
+def train_and_evaluate(
+  config: ConfigDict, workdir: str, hooks: Hooks | None = None
+) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its latest intact checkpoint) and evaluates.
+
+  The workdir is locked for the run (`workdir.WorkdirLock`); a resume checks the stored config
+  (`workdir.check_resume_config`) before anything is loaded.
 
   Returns:
     The last logged train metrics and eval metrics (`train/...`, `eval/...`), plus
-    'preempted': True when the run stopped early on SIGTERM (a checkpoint was saved).
+    'preempted': True when the run stopped early on SIGTERM/SIGINT (after saving a checkpoint).
   """
+  hooks = hooks or Hooks()
   workdir = os.path.abspath(workdir)
   _check_batch_sizes(config)
   check_num_classes(config)
-  if config.init_from and checkpoint_lib.find_training_checkpoint(workdir) is None:
-    _fetch_hub_weights(config.init_from)
-  _write_config(config, workdir)
-  _write_class_names(config, workdir)
-  writer = metrics_lib.MetricWriter(workdir)
+  lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    resuming = checkpoint_lib.find_training_checkpoint(workdir) is not None
+    if resuming and (stored := workdir_lib.stored_config(workdir)) is not None:
+      workdir_lib.check_resume_config(stored, config)
+    if config.init_from and not resuming:
+      _fetch_hub_weights(config.init_from)
+    if jax.process_index() == 0:
+      workdir_lib.write_config_history(config, workdir)
+    _write_class_names(config, workdir)
+    with checkpoint_lib.PreemptionWatcher() as preemption:
+      return _train(config, workdir, hooks, preemption)
+  finally:
+    if lock is not None:
+      lock.release()
 
+
+def _train(
+  config: ConfigDict, workdir: str, hooks: Hooks, preemption: checkpoint_lib.PreemptionWatcher
+) -> dict[str, Any]:
   # ----------------------------------------------------------------------------------------------
   # Mesh and input pipeline.
   # ----------------------------------------------------------------------------------------------
@@ -360,7 +407,6 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   # The teacher first: a missing teacher file stops the run before any data is read.
   teacher = distillation.load_teacher(config, mesh)
   distillation.record_teacher(teacher, workdir)
-  teacher_variables = teacher.variables if teacher else {}
   train_source = open_source(config, config.data.train_split)
   steps_per_epoch = data_lib.train_steps_per_epoch(
     len(train_source), config.global_batch_size, config.data.repeated_aug
@@ -368,8 +414,12 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   total_steps = (
     config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
   )
-  train_iter = iter(make_train_dataset(config, train_source))
   eval_dataset = make_eval_dataset(config)
+  num_eval_batches = data_lib.eval_num_batches(
+    len(open_source(config, config.data.eval_split)),
+    config.eval_batch_size,
+    jax.process_count(),
+  )
   logging.info(
     '%d train records, %d steps per epoch, %d steps in total (%.2f epochs).',
     len(train_source),
@@ -393,18 +443,74 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
   logging.info('%s: %.2fM parameters', config.model.name, num_params / 1e6)
 
-  manager = checkpoint_lib.create_manager(workdir, max_to_keep=config.keep_checkpoints)
-  latest = manager.latest_step()
-  if latest is not None:
-    state = checkpoint_lib.restore(manager, latest, abstract_state, shardings, train_iter)
-    logging.info('Resumed from %s/%d.', manager.directory, latest)
-  else:
-    state = state_lib.init_sharded(init, rng, shardings)
-    if config.init_from:
-      weights, source = load_weights(config.init_from, model, config, reinit_heads=True)
-      state = state_lib.with_pretrained(state, shardings, weights[''])
-      logging.info('Initialised the weights from %s.', source)
-  start_step = int(jax.device_get(state.step))
+  ckpts = checkpoint_lib.RunCheckpoints(
+    workdir, keep=config.keep_checkpoints, storage_hook=hooks.storage
+  )
+  train_iter = iter(make_train_dataset(config, train_source))
+  writer = None
+  try:
+    restored = ckpts.restore_latest(abstract_state, shardings, train_iter)
+    if restored is not None:
+      state, restored_step = restored
+      logging.info('Resumed from %s/%d.', ckpts.directory, restored_step)
+    else:
+      logging.info('Initialising the model state (compiling the initialiser)...')
+      state = state_lib.init_sharded(init, rng, shardings)
+      if config.init_from:
+        weights, source = load_weights(config.init_from, model, config, reinit_heads=True)
+        state = state_lib.with_pretrained(state, shardings, weights[''])
+        logging.info('Initialised the weights from %s.', source)
+    start_step = int(jax.device_get(state.step))
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
+    return _loop(
+      config,
+      hooks,
+      preemption,
+      ckpts,
+      writer,
+      train_iter,
+      eval_dataset,
+      state=state,
+      start_step=start_step,
+      total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch,
+      num_eval_batches=num_eval_batches,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      mesh=mesh,
+      shardings=shardings,
+      teacher=teacher,
+    )
+  finally:
+    ckpts.close()  # waits for a save in flight
+    if writer is not None:
+      writer.close()
+    train_iter.close()
+
+
+def _loop(
+  config: ConfigDict,
+  hooks: Hooks,
+  preemption: checkpoint_lib.PreemptionWatcher,
+  ckpts: checkpoint_lib.RunCheckpoints,
+  writer: metrics_lib.MetricWriter,
+  train_iter,
+  eval_dataset,
+  *,
+  state,
+  start_step: int,
+  total_steps: int,
+  steps_per_epoch: int,
+  num_eval_batches: int,
+  model,
+  tx,
+  schedule,
+  mesh: Mesh,
+  shardings,
+  teacher,
+) -> dict[str, Any]:
+  teacher_variables = teacher.variables if teacher else {}
 
   # ----------------------------------------------------------------------------------------------
   # Jitted steps: explicit shardings, donated state.
@@ -415,8 +521,19 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     eval_shardings['ema'] = shardings.ema
   eval_step = jit_eval_step(model, mesh, eval_shardings)
 
+  evals_done = 0
+
   def evaluate_now(step: int) -> dict[str, Any]:
-    results = run_evaluation(eval_step, state.eval_weights(), eval_dataset, mesh)
+    nonlocal evals_done
+    results = run_evaluation(
+      eval_step,
+      state.eval_weights(),
+      eval_dataset,
+      mesh,
+      num_batches=num_eval_batches,
+      announce_compile=evals_done == 0,
+    )
+    evals_done += 1
     results = {f'eval/{k}': v for k, v in results.items()}
     writer.write(step, results)
     logging.info('eval @ step %d: %s', step, _format_eval(results))
@@ -437,7 +554,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     step_ids = [s for s, _ in pending]
     pending = []
     if not config.skip_nonfinite_updates:
-      _raise_if_diverged(step_ids, fetched, last_checked, manager)
+      _raise_if_diverged(step_ids, fetched, last_checked, ckpts.manager)
     last_checked = step
     logged = {
       'epoch': step / steps_per_epoch,
@@ -450,50 +567,55 @@ def train_and_evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     )
     return logged
 
-  try:
-    with checkpoint_lib.PreemptionWatcher() as preemption:
-      if start_step >= total_steps:
-        logging.info('Training already finished at step %d.', start_step)
-        summary.update(evaluate_now(start_step))
-      for step in range(start_step + 1, total_steps + 1):
-        batch = next(train_iter)
-        batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in TRAIN_KEYS})
-        state, step_metrics = train_step(state, batch, teacher_variables)
-        pending.append((step, step_metrics))
-        if not chrono.started:  # the first step compiled: time from its end
-          jax.block_until_ready(step_metrics)
-          chrono.start(step)
-        if step == config.debug.sigterm_at_step:
-          os.kill(os.getpid(), signal.SIGTERM)
+  if preemption.reached(start_step):  # signalled while loading: nothing new to save
+    logging.warning('Stopped before the first step; the checkpoints are unchanged.')
+    return {**summary, 'preempted': True}
+  if start_step >= total_steps:
+    logging.info('Training already finished at step %d.', start_step)
+    summary.update(evaluate_now(start_step))
+  for step in range(start_step + 1, total_steps + 1):
+    ckpts.check()  # a failed background save stops the run here, in one line
+    batch = next(train_iter)
+    batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in TRAIN_KEYS})
+    if not chrono.started:
+      logging.info('Compiling the train step (the first step)...')
+      compile_start = time.perf_counter()
+    state, step_metrics = train_step(state, batch, teacher_variables)
+    pending.append((step, step_metrics))
+    if not chrono.started:  # the first step compiled: time from its end
+      jax.block_until_ready(step_metrics)
+      chrono.start(step)
+      logging.info(
+        'First step done in %.1f s (compilation included).', time.perf_counter() - compile_start
+      )
+    if hooks.after_step is not None:
+      hooks.after_step(step)
 
-        preempted = preemption.reached(step)
-        is_last = step == total_steps
-        epoch_done, epoch = step % steps_per_epoch == 0, step // steps_per_epoch
-        do_eval = is_last or (
-          epoch_done and config.eval_every_epochs > 0 and epoch % config.eval_every_epochs == 0
-        )
-        do_save = is_last or preempted or step % config.checkpoint_every_steps == 0
-        if do_eval or do_save or step % config.log_every_steps == 0:
-          summary.update(flush(step))  # checks for NaN/Inf before anything is saved
-        chrono.pause()  # checkpoints and evals don't count as training time
-        if do_save:
-          checkpoint_lib.save(manager, step, state, train_iter)
-        if preempted:
-          manager.wait_until_finished()
-          logging.warning(
-            'Preempted: saved step %d in %s. Rerun the same command to resume.',
-            step,
-            manager.directory,
-          )
-          return {**summary, 'preempted': True}
-        if do_eval:
-          summary.update(evaluate_now(step))
-        chrono.resume()
-    manager.wait_until_finished()
-  finally:
-    manager.close()  # waits for a save in flight
-    writer.close()
-    train_iter.close()
+    preempted = preemption.reached(step)
+    is_last = step == total_steps
+    epoch_done, epoch = step % steps_per_epoch == 0, step // steps_per_epoch
+    do_eval = is_last or (
+      epoch_done and config.eval_every_epochs > 0 and epoch % config.eval_every_epochs == 0
+    )
+    do_save = is_last or preempted or step % config.checkpoint_every_steps == 0
+    if do_eval or do_save or step % config.log_every_steps == 0:
+      summary.update(flush(step))  # checks for NaN/Inf before anything is saved
+    chrono.pause()  # checkpoints and evals don't count as training time
+    if do_save:
+      ckpts.save(step, state, train_iter)
+    if preempted:
+      ckpts.wait()
+      logging.warning(
+        'Preempted: saved step %d in %s. Rerun the same command to resume (exit code %d).',
+        step,
+        ckpts.directory,
+        checkpoint_lib.EXIT_PREEMPTED,
+      )
+      return {**summary, 'preempted': True}
+    if do_eval:
+      summary.update(evaluate_now(step))
+    chrono.resume()
+  ckpts.wait()
   return summary
 
 
@@ -576,7 +698,12 @@ def evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     name: state_lib.put_variables(w, weight_shardings[name]) for name, w in weights.items()
   }
   eval_step = jit_eval_step(model, mesh, weight_shardings)
-  results = run_evaluation(eval_step, weights, make_eval_dataset(config), mesh)
+  num_batches = data_lib.eval_num_batches(
+    len(open_source(config, config.data.eval_split)), config.eval_batch_size, jax.process_count()
+  )
+  results = run_evaluation(
+    eval_step, weights, make_eval_dataset(config), mesh, num_batches=num_batches
+  )
   results = {f'eval/{k}': v for k, v in results.items()}
   step = _checkpoint_step(source)
   writer = metrics_lib.MetricWriter(workdir)
