@@ -124,7 +124,7 @@ _RULES: list[tuple[str, Callable[[Any], str | None]]] = [
   ('seed', _int_at_least(0)),
   ('distributed', _one_of(DISTRIBUTED)),
   ('model.name', _model_name),
-  ('model.num_classes', _int_at_least(1)),
+  ('model.num_classes', _int_at_least(0)),  # 0: the data's class count
   ('model.img_size', _int_at_least(32)),
   ('model.drop_path_rate', _number_in(0, 1, high_open=True)),
   ('model.dtype', _one_of(DTYPES)),

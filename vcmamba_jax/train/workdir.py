@@ -35,6 +35,7 @@ BREAKS_RESUME = (
   'global_batch_size',
   'model.',
   'data.dataset',
+  'data.image_folder',
   'data.train_split',
   'data.rrc_scale',
   'data.hflip_prob',
