@@ -1,0 +1,73 @@
+"""Ahead-of-time compilation of the real train step for a TPU slice (v5e:2x2) on the CPU:
+needs libtpu (the [tpu] extra, part of [dev]); no TPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip('libtpu')
+# Before any JAX backend loads libtpu: compiling needs no exclusive hold on it (another compile,
+# e.g. scripts/aot_compile.py, may be running on this host).
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+from configs import vcmamba_s
+from vcmamba_jax.train import aot
+
+TOPOLOGY = 'v5e:2x2'  # 4 chips, one host
+
+
+def _config(fsdp):
+  config = vcmamba_s.get_config('smoke')  # vcmamba_nano at 32 px, the full recipe's step
+  config.unlock()
+  config.mesh.fsdp = fsdp
+  config.mesh.fsdp_min_size = 2**10
+  return config
+
+
+@pytest.fixture(scope='module')
+def reports():
+  return {
+    fsdp: aot.compile_for_topology(_config(fsdp), TOPOLOGY, per_chip_batch=2, with_eval=False)
+    for fsdp in (1, 4)
+  }
+
+
+def test_compiles_for_the_slice_with_the_tpu_kernel(reports):
+  report = reports[1]
+  assert report['chips'] == 4 and report['chip_kind'] == 'TPU v5 lite'
+  assert report['mesh'] == {'data': 4, 'fsdp': 1}
+  assert report['scan_impl'] == 'pallas_tpu' and report['fits'] is True
+  train = report['train']
+  assert 0 < train['memory']['total'] < report['hbm_per_chip']
+  assert train['flops'] > 0 and train['bytes_accessed'] > 0
+  # Data parallelism: the gradients are all-reduced; every chip holds the whole state.
+  assert train['collectives']['all-reduce']['count'] > 0
+  assert train['params_opt_bytes_per_chip'] == report['params_opt_bytes_per_chip']
+
+
+def test_fsdp_shards_parameters_and_optimizer_by_the_axis_size(reports):
+  data, fsdp = reports[1], reports[4]
+  assert fsdp['mesh'] == {'data': 1, 'fsdp': 4}
+  full = data['train']['params_opt_bytes_per_chip']
+  sharded = fsdp['train']['params_opt_bytes_per_chip']  # from the executable's input shardings
+  # Arrays of at least fsdp_min_size elements are split 4 ways, the few small ones replicated.
+  assert full / 4 < sharded < 0.3 * full
+  # The compiled program's argument buffers shrink by exactly that amount (same batch per chip).
+  saved = data['train']['memory']['arguments'] - fsdp['train']['memory']['arguments']
+  assert saved >= full - sharded
+  assert (
+    'all-gather' in fsdp['train']['collectives'] or 'reduce-scatter' in fsdp['train']['collectives']
+  )
+
+
+def test_bad_topology_and_batch_are_clear_errors():
+  with pytest.raises(ValueError, match='unknown TPU topology'):
+    aot.parse_topology('v7x:2x2')
+  with pytest.raises(ValueError, match='3 axes'):
+    aot.parse_topology('v4:4x4')
+  config = _config(1)
+  config.global_batch_size = 6
+  with pytest.raises(ValueError, match='does not divide over the 4 chips'):
+    aot.compile_for_topology(config, TOPOLOGY)
