@@ -61,16 +61,18 @@ def _largest_file(directory: str) -> str:
   return max(files, key=os.path.getsize)
 
 
-def test_damaged_latest_steps_fall_back_to_the_newest_intact_one(
-  reference_run, imagenet_dir, tmp_path, caplog
+def test_resume_after_sigterm_falls_back_over_damaged_steps_with_identical_losses(
+  sigterm_run, reference_run, imagenet_dir, tmp_path, caplog
 ):
-  """Steps 5-8 are copies of step 8, each damaged differently; step 4 is intact. The run
-  names each damage in one line, resumes from step 4 and repeats the reference's losses."""
-  workdir = _copy_run(reference_run, str(tmp_path / 'run'))
+  """The run that got SIGTERM while step 4 was being saved left steps 4 and 5. Step 5 and three
+  copies of it (6-8) are damaged, each differently. Resuming names each damage in one line,
+  falls back to step 4 (the save that was in flight at the signal) and repeats the reference's
+  losses from there: steps 5-8 and the final eval, each logged once."""
+  workdir = _copy_run(sigterm_run[0], str(tmp_path / 'run'))
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  for step in (5, 6, 7):
-    shutil.copytree(os.path.join(ckpt_dir, '8'), os.path.join(ckpt_dir, str(step)))
-  assert checkpoint.verify_step(os.path.join(ckpt_dir, '7')) is None  # intact copies
+  for step in (6, 7, 8):
+    shutil.copytree(os.path.join(ckpt_dir, '5'), os.path.join(ckpt_dir, str(step)))
+  assert checkpoint.verify_step(os.path.join(ckpt_dir, '8')) is None  # intact copies
   # 8: a data file cut short (a full disk, a killed copy).
   data_file = _largest_file(os.path.join(ckpt_dir, '8', 'state'))
   with open(data_file, 'r+b') as f:
@@ -105,14 +107,14 @@ def test_damaged_latest_steps_fall_back_to_the_newest_intact_one(
   assert any('Resumed from' in m and m.endswith('/4.') for m in _messages(caplog))
   assert any('keep_checkpoints: 3 -> 5' in m for m in _messages(caplog))
 
-  _assert_same_losses(workdir, reference_run, range(5, NUM_TRAIN_STEPS + 1))
-  rows = read_metrics(workdir)  # every step once, the rows of the damaged attempt dropped
+  _assert_same_losses(workdir, reference_run, range(1, NUM_TRAIN_STEPS + 1))
+  rows = read_metrics(workdir)  # every step once: step 5 of the interrupted attempt dropped
   assert sorted(r['step'] for r in rows if 'train/loss' in r) == list(range(1, 9))
   assert [r['step'] for r in rows if 'eval/top1' in r] == [8]
   assert sorted(os.listdir(ckpt_dir)) == ['4', '8']
   assert len(os.listdir(os.path.join(workdir, checkpoint.DAMAGED_DIR))) == 4
   assert checkpoint.verify_step(os.path.join(ckpt_dir, '8')) is None
-  # Every start's config is kept: the reference's and this one.
+  # Every start's config is kept: the interrupted run's and this one.
   assert os.path.exists(os.path.join(workdir, 'config.0.json'))
   assert os.path.exists(os.path.join(workdir, 'config.1.json'))
   _assert_tensorboard_steps_once(workdir)
@@ -216,6 +218,7 @@ class _SlowStorage:
   def __init__(self, step: int, signum: int, seconds: float = 1.0):
     self.step, self.signum, self.seconds = step, signum, seconds
     self.in_flight_dir = None
+    self.result = None  # what train.run returned
     self._sent = threading.Event()
 
   def storage(self, step: int, step_dir: str) -> None:
@@ -234,29 +237,45 @@ class _SlowStorage:
     return train.Hooks(storage=self.storage, after_step=self.after_step)
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
-def test_a_signal_during_an_async_save_finishes_it_saves_and_resumes(
-  reference_run, imagenet_dir, tmp_path, signum
-):
-  workdir = str(tmp_path / 'run')
-  config = smoke_config(imagenet_dir)
+def _interrupt_during_save(imagenet_dir: str, workdir: str, signum: int) -> _SlowStorage:
   storage = _SlowStorage(step=4, signum=signum)
   handler_before = signal.getsignal(signum)
-  first = train.run(config, workdir, hooks=storage.hooks())
-  assert first['preempted']
-  assert storage.in_flight_dir is not None  # the signal came while step 4 was being written
+  storage.result = train.run(smoke_config(imagenet_dir), workdir, hooks=storage.hooks())
   assert signal.getsignal(signum) == handler_before  # the run restored the handler
+  return storage
+
+
+@pytest.fixture(scope='module')
+def sigterm_run(imagenet_dir, tmp_path_factory) -> tuple[str, _SlowStorage]:
+  """A run that got SIGTERM while the asynchronous save of step 4 was in flight."""
+  workdir = str(tmp_path_factory.mktemp('sigterm'))
+  return workdir, _interrupt_during_save(imagenet_dir, workdir, signal.SIGTERM)
+
+
+def _assert_finished_the_save_and_saved_the_current_step(workdir, storage, reference_run):
+  assert storage.result['preempted']
+  assert storage.in_flight_dir is not None  # the signal came while step 4 was being written
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   assert sorted(os.listdir(ckpt_dir)) == ['4', '5']  # the save in flight, then the current step
   for step in ('4', '5'):
     assert checkpoint.verify_step(os.path.join(ckpt_dir, step)) is None
   assert max(_train_rows(workdir)) == 5
   _assert_same_losses(workdir, reference_run, range(1, 6))
-  if signum == signal.SIGINT:
-    return  # resuming is the same for both signals; done once
-  second = train.run(config, workdir)
-  assert not second.get('preempted')
-  _assert_same_losses(workdir, reference_run, range(1, NUM_TRAIN_STEPS + 1))
+
+
+def test_sigterm_during_an_async_save_finishes_it_and_saves_the_current_step(
+  sigterm_run, reference_run
+):
+  _assert_finished_the_save_and_saved_the_current_step(*sigterm_run, reference_run)
+  # Resuming it: test_resume_after_sigterm_falls_back_over_damaged_steps_with_identical_losses.
+
+
+def test_sigint_during_an_async_save_finishes_it_and_saves_the_current_step(
+  reference_run, imagenet_dir, tmp_path
+):
+  workdir = str(tmp_path / 'run')
+  storage = _interrupt_during_save(imagenet_dir, workdir, signal.SIGINT)
+  _assert_finished_the_save_and_saved_the_current_step(workdir, storage, reference_run)
 
 
 def test_a_failed_background_save_stops_the_run_within_a_step(imagenet_dir, tmp_path, caplog):
