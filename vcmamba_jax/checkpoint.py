@@ -191,6 +191,8 @@ class RunCheckpoints:
     step = self._saving_step
     path = os.path.join(self.directory, str(step))
     try:
+      if self._storage_hook is None and jax.process_index() != 0:
+        return  # process 0 writes the checksums of every process's files (shared storage)
       step_dir = self._pending_dir(step)
       if self._storage_hook is not None:
         self._storage_hook(step, step_dir)
