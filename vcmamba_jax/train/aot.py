@@ -378,9 +378,13 @@ def _compile(jitted, args: tuple, chip: Chip) -> tuple[dict[str, Any], Any]:
   }, compiled
 
 
+def _size(nbytes: float) -> str:
+  return f'{nbytes / GiB:.2f} GiB' if nbytes >= 0.1 * GiB else f'{nbytes / 2**20:.1f} MiB'
+
+
 def format_report(report: dict[str, Any]) -> str:
   """A human-readable table of `compile_for_topology`'s report."""
-  gib = lambda b: f'{b / GiB:.2f} GiB'
+  gib = _size
   lines = [
     f'{report["model"]} ({report["dtype"]}, distillation {report["distillation"]}) on '
     f'{report["topology"]}: {report["chips"]} x '
@@ -390,7 +394,7 @@ def format_report(report: dict[str, Any]) -> str:
     f'per chip: {gib(report["state_bytes_per_chip"])}',
   ]
   header = f'{"step":<6} {"args":>10} {"temps":>10} {"outputs":>10} {"total":>10} {"HBM":>10}'
-  header += f' {"fits":>5} {"TFLOP":>8} {"GB moved":>9} {"t_min ms":>9} {"compile s":>9}'
+  header += f' {"fits":>5} {"GFLOP":>9} {"GB moved":>9} {"t_min ms":>9} {"compile s":>9}'
   lines.append(header)
   for name in ('train', 'eval'):
     r = report.get(name)
@@ -403,7 +407,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(
       f'{name:<6} {gib(m["arguments"]):>10} {gib(m["temporaries"]):>10} {gib(m["outputs"]):>10} '
       f'{gib(m["total"]):>10} {gib(report["hbm_per_chip"]):>10} {str(r["fits"]):>5} '
-      f'{r["flops"] / 1e12:>8.3f} {r["bytes_accessed"] / 1e9:>9.2f} '
+      f'{r["flops"] / 1e9:>9.2f} {r["bytes_accessed"] / 1e9:>9.2f} '
       f'{r["step_time_lower_bound_s"] * 1e3:>9.1f} {r["compile_seconds"]:>9.1f}'
     )
     for kind, c in r['collectives'].items():
@@ -413,11 +417,12 @@ def format_report(report: dict[str, Any]) -> str:
 
 def markdown_table(reports: list[dict[str, Any]]) -> str:
   """README table of recorded reports (one row each; see scripts/aot_compile.py --table_from)."""
-  gib = lambda b: f'{b / GiB:.2f}'
+  gib = _size
   rows = [
-    '| model | slice | mesh | dtype | batch/chip | scan | train GiB/chip (of HBM) | fits | '
-    'TFLOP/step/chip | GB moved/step/chip | step-time bound | all-reduce MiB/chip | compile s |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '| model | slice | mesh | dtype | batch/chip | scan | params+opt/chip | '
+    'train memory/chip (HBM) | fits | '
+    'GFLOP/step/chip | GB moved/step/chip | step-time bound | all-reduce MiB/chip | compile s |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in reports:
     t = r['train']
@@ -428,15 +433,17 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
     if 'memory' not in t:
       rows.append(
         f'| {r["model"]} | {slice_name} | {mesh} | {r["dtype"]} | {r["per_chip_batch"]} | '
-        f'{r["scan_impl"]} | out of memory | False | | | | | {t["compile_seconds"]:.0f} |'
+        f'{r["scan_impl"]} | {gib(r["params_opt_bytes_per_chip"])} | out of memory | False | | | '
+        f'| | {t["compile_seconds"]:.0f} |'
       )
       continue
     allreduce = t['collectives'].get('all-reduce', {}).get('bytes', 0) / 2**20
     rows.append(
       f'| {r["model"]} | {slice_name} | {mesh} | {r["dtype"]} | {r["per_chip_batch"]} | '
-      f'{r["scan_impl"]} | {gib(t["memory"]["total"])} ({gib(r["hbm_per_chip"])}) | '
-      f'{r["fits"]} | {t["flops"] / 1e12:.2f} | {t["bytes_accessed"] / 1e9:.1f} | '
-      f'{t["step_time_lower_bound_s"] * 1e3:.0f} ms ({t["bound_by"]}) | {allreduce:.0f} | '
+      f'{r["scan_impl"]} | {gib(r["params_opt_bytes_per_chip"])} | '
+      f'{gib(t["memory"]["total"])} ({gib(r["hbm_per_chip"])}) | '
+      f'{r["fits"]} | {t["flops"] / 1e9:.2f} | {t["bytes_accessed"] / 1e9:.2f} | '
+      f'{t["step_time_lower_bound_s"] * 1e3:.2f} ms ({t["bound_by"]}) | {allreduce:.1f} | '
       f'{t["compile_seconds"]:.0f} |'
     )
   return '\n'.join(rows)
