@@ -48,6 +48,9 @@ def imagenet_recipe(model_name: str) -> config_dict.ConfigDict:
   # 'auto': jax.distributed.initialize() when the environment describes a multi-process job
   # (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, multi-host Cloud TPU); 'on' / 'off' force it.
   config.distributed = 'auto'
+  # JAX persistent compilation cache: 'auto' = $JAX_COMPILATION_CACHE_DIR, else <workdir>/xla_cache
+  # (a resumed run reuses the compiled train step); '' = off; or a directory.
+  config.compilation_cache_dir = 'auto'
 
   config.model = config_dict.ConfigDict()
   config.model.name = model_name

@@ -193,3 +193,19 @@ def test_auto_impl_uses_associative_on_cpu():
   np.testing.assert_array_equal(
     scan_lib.selective_scan(*args, impl='auto'), scan_lib.selective_scan(*args, impl='associative')
   )
+
+
+@pytest.mark.parametrize('height,width', [(1, 1), (2, 3), (5, 8), (7, 7), (8, 5)])
+def test_zigzag_sequences_and_merge_match_the_tables(height, width):
+  """The gather-free reorderings give the values of the table gathers (and their transposes)."""
+  orders, inverse, _ = scan_lib.scan_tables(height, width)
+  num = height * width
+  x = jax.random.normal(jax.random.key(0), (2, height, width, 3))
+  expected = jnp.take(x.reshape(2, num, 3), orders, axis=1)
+  np.testing.assert_array_equal(scan_lib.zigzag_sequences(x), expected)
+  y = jax.random.normal(jax.random.key(1), (2, 4, num, 3))
+  flat_inverse = (inverse + np.arange(4)[:, None] * num).reshape(-1)
+  merged = jnp.take(y.reshape(2, 4 * num, 3), flat_inverse, axis=1).reshape(2, 4, num, 3).sum(1)
+  np.testing.assert_allclose(
+    scan_lib.zigzag_merge(y, height, width).reshape(2, num, 3), merged, rtol=1e-6, atol=1e-6
+  )

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vcmamba_jax.models import ops
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -50,10 +52,14 @@ class BatchNorm(nn.Module):
   Train mode normalises with the batch mean and BIASED batch variance (float32 statistics) and
   updates the running statistics with the UNBIASED variance, like PyTorch. Under ``jax.jit`` with
   a batch sharded over devices, the statistics are those of the global batch (SyncBatchNorm).
+  ``activation`` ('none' | 'relu' | 'gelu') is applied to the output; in train mode it is fused
+  into BatchNorm's hand-written backward pass (``ops.batch_norm_train``), which keeps only the
+  input for the backward pass instead of float32 copies of normalised and activated tensors.
   """
 
   epsilon: float = BN_EPS
   momentum: float = BN_MOMENTUM
+  activation: ops.Activation = 'none'
   dtype: Dtype = jnp.float32
   scale_init: Initializer = nn.initializers.ones
 
@@ -66,20 +72,17 @@ class BatchNorm(nn.Module):
     running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), f32))
     running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), f32))
     if train:
-      axes = tuple(range(x.ndim - 1))
-      xf = x.astype(f32)
-      mean = jnp.mean(xf, axis=axes)
-      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.activation)
       if not self.is_initializing():
         count = math.prod(x.shape[:-1])
         unbiased = var * (count / max(count - 1, 1))
         running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
         running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
-    else:
-      mean, var = running_mean.value, running_var.value
+      return y.astype(self.dtype)
+    mean, var = running_mean.value, running_var.value
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     y = (x.astype(f32) - mean) * mul + bias
-    return y.astype(self.dtype)
+    return ops.activate(y, self.activation).astype(self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -155,6 +158,26 @@ def dense(
   )
 
 
+class DepthwiseConv(nn.Module):
+  """Depthwise KxK conv with bias, stride 1, padding K//2 (torch Conv2d(C, C, K, groups=C)).
+
+  The parameters are those of ``conv(C, K, groups=C, ...)`` (kernel [K, K, 1, C], bias [C],
+  PyTorch's init); the computation is ``ops.depthwise_conv``, which runs small grids as a matmul.
+  """
+
+  kernel_size: int
+  impl: ops.DepthwiseImpl = 'auto'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels, k = x.shape[-1], self.kernel_size
+    init = torch_default_init(k * k)
+    kernel = self.param('kernel', init, (k, k, 1, channels), jnp.float32)
+    bias = self.param('bias', init, (channels,), jnp.float32)
+    return ops.depthwise_conv(x.astype(self.dtype), kernel, bias, impl=self.impl)
+
+
 class DropPath(nn.Module):
   """Stochastic depth per sample (timm/mmcv): keep with prob 1-rate, scale kept samples by 1/(1-rate).
 
@@ -184,9 +207,9 @@ class Mlp(nn.Module):
     features = x.shape[-1]
     hidden = self.hidden_features
     x = dense(hidden, dtype=self.dtype, name='fc1')(x)
-    x = gelu(BatchNorm(dtype=self.dtype, name='norm1')(x, train))
-    x = conv(hidden, 3, groups=hidden, in_features=hidden, dtype=self.dtype, name='mid')(x)
-    x = gelu(BatchNorm(dtype=self.dtype, name='mid_norm')(x, train))
+    x = BatchNorm(activation='gelu', dtype=self.dtype, name='norm1')(x, train)
+    x = DepthwiseConv(3, dtype=self.dtype, name='mid')(x)
+    x = BatchNorm(activation='gelu', dtype=self.dtype, name='mid_norm')(x, train)
     x = dense(features, dtype=self.dtype, name='fc2')(x)
     return BatchNorm(dtype=self.dtype, name='norm2')(x, train)
 
@@ -234,7 +257,8 @@ class Stem(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    act = {'relu': jax.nn.relu, 'gelu': gelu}[self.activation]
+    if self.activation not in ('relu', 'gelu'):
+      raise ValueError(f"stem activation must be 'relu' or 'gelu', got {self.activation!r}")
     mid = self.features // 2
     x = conv(
       mid,
@@ -246,7 +270,7 @@ class Stem(nn.Module):
       kernel_init=lecun_normal_init,
       bias_init=nn.initializers.zeros,
     )(x)
-    x = act(BatchNorm(dtype=self.dtype, name='bn1')(x, train))
+    x = BatchNorm(activation=self.activation, dtype=self.dtype, name='bn1')(x, train)
     x = conv(
       self.features,
       3,
@@ -257,4 +281,4 @@ class Stem(nn.Module):
       kernel_init=lecun_normal_init,
       bias_init=nn.initializers.zeros,
     )(x)
-    return act(BatchNorm(dtype=self.dtype, name='bn2')(x, train))
+    return BatchNorm(activation=self.activation, dtype=self.dtype, name='bn2')(x, train)

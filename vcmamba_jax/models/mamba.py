@@ -17,16 +17,15 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.models.layers import (
   BatchNorm,
+  DepthwiseConv,
   DropPath,
   Dtype,
   LayerNorm,
   Mlp,
-  conv,
   dense,
   normal_init,
   torch_default_init,
@@ -76,9 +75,7 @@ class PlainMamba2D(nn.Module):
       bias_init=torch_default_init(features),
     )(x)
     x = BatchNorm(dtype=self.dtype, name='in_norm')(x, train)
-    x = conv(inner, self.d_conv, groups=inner, in_features=inner, dtype=self.dtype, name='conv2d')(
-      x
-    )
+    x = DepthwiseConv(self.d_conv, dtype=self.dtype, name='conv2d')(x)
     x = jax.nn.silu(x)
     tokens = x.reshape(batch, height * width, inner)  # row-major token order
 
@@ -93,8 +90,9 @@ class PlainMamba2D(nn.Module):
     # Upstream passes the Linear's bias again as the scan's delta bias.
     delta_bias = dt_proj.variables['params']['bias'] if self.scan_mode == 'upstream' else None
 
-    orders, inverse, codes = scan_lib.scan_tables(height, width)
-    u = jnp.take(tokens, orders, axis=1)  # [B, 4, L, E]: token visited at each scan step
+    orders, _, codes = scan_lib.scan_tables(height, width)
+    # [B, 4, L, E]: token visited at each scan step (reversals/transposes, no gather).
+    u = scan_lib.zigzag_sequences(x.reshape(batch, height, width, inner))
     dir_b = jnp.take(direction_bias, codes, axis=0)  # [4, L, N], indexed by scan step
     if self.scan_mode == 'upstream':
       delta_k = delta[:, None]  # shared by the 4 scans, raster order
@@ -113,9 +111,7 @@ class PlainMamba2D(nn.Module):
     y = scan_fn(u, delta_k, A, b_k, c_k, d_skip, delta_bias, impl=self.scan_impl)
     self.sow('intermediates', 'scan_out', y)
     # Back to raster order and sum over directions: Y[p] = sum_k y[k, inverse[k, p]].
-    flat_inverse = (inverse + np.arange(4)[:, None] * height * width).reshape(-1)
-    y = jnp.take(y.reshape(batch, 4 * height * width, inner), flat_inverse, axis=1)
-    y = y.reshape(batch, 4, height * width, inner).astype(f32).sum(axis=1)
+    y = scan_lib.zigzag_merge(y, height, width).reshape(batch, height * width, inner)
 
     y = LayerNorm(dtype=self.dtype, name='norm')(y)
     y = jax.nn.relu(y).reshape(batch, height, width, inner)

@@ -84,6 +84,46 @@ def scan_tables(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.nda
   return orders, inverse, codes
 
 
+def _snake(x: jax.Array) -> jax.Array:
+  """[B, R, S, E] -> [B, R*S, E], odd rows reversed (a row snake over axis 1)."""
+  odd = (np.arange(x.shape[1]) % 2 == 1)[None, :, None, None]
+  return jnp.where(odd, x[:, :, ::-1], x).reshape(x.shape[0], -1, x.shape[-1])
+
+
+def zigzag_sequences(x: jax.Array) -> jax.Array:
+  """[B, H, W, E] -> [B, 4, H*W, E]: the tokens in the four scan orders of ``scan_tables``.
+
+  Same values as ``jnp.take(x.reshape(B, H*W, E), orders, axis=1)``, written with reversals and
+  a transpose instead of a gather, so that XLA fuses it into one pass and its transpose (the
+  backward pass) is the same kind of pass rather than a scatter-add.
+  """
+  row = _snake(x)
+  col = _snake(jnp.swapaxes(x, 1, 2))
+  return jnp.stack([row, row[:, ::-1], col, col[:, ::-1]], axis=1)
+
+
+def _unsnake(y: jax.Array, rows: int, cols: int) -> jax.Array:
+  """[B, R*S, E] in row-snake order -> [B, R, S, E]."""
+  y = y.reshape(y.shape[0], rows, cols, y.shape[-1])
+  odd = (np.arange(rows) % 2 == 1)[None, :, None, None]
+  return jnp.where(odd, y[:, :, ::-1], y)
+
+
+def zigzag_merge(y: jax.Array, height: int, width: int) -> jax.Array:
+  """[B, 4, H*W, E] outputs in scan order -> [B, H, W, E] float32, summed over the directions.
+
+  The inverse of ``zigzag_sequences`` followed by the sum over the four scans (in order 0..3,
+  float32), as the upstream model merges them.
+  """
+  f32 = jnp.float32
+  y = y.astype(f32)
+  r0 = _unsnake(y[:, 0], height, width)
+  r1 = _unsnake(y[:, 1, ::-1], height, width)
+  r2 = jnp.swapaxes(_unsnake(y[:, 2], width, height), 1, 2)
+  r3 = jnp.swapaxes(_unsnake(y[:, 3, ::-1], width, height), 1, 2)
+  return ((r0 + r1) + r2) + r3
+
+
 # ---------------------------------------------------------------------------------------------
 # Selective scan
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +262,11 @@ def selective_scan(
     raise ValueError(f'unknown scan impl {impl!r}; expected one of {SCAN_IMPLS}')
   if impl == 'auto':
     impl = resolve_auto(u.shape[-2], u.shape[-1], delta_softplus)
+  if impl == 'fused' and not scan_pallas.fused_backend_available():
+    # No usable Pallas GPU backend here (a CPU/TPU, or a JAX without Triton): what 'auto' would
+    # run instead. On a GPU, fused_backend_available() has logged a one-line notice.
+    impl = resolve_auto(u.shape[-2], u.shape[-1], delta_softplus)
+    impl = 'associative' if impl == 'fused' else impl
   if impl == 'fused':
     return scan_pallas.selective_scan_fused(
       u, delta, A, B, C, D, delta_bias, delta_softplus=delta_softplus

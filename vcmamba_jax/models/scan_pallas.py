@@ -14,6 +14,7 @@ Checked against the sequential reference in tests (interpret mode on the CPU) an
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -137,9 +138,12 @@ def _specs(length, inner, state, block):
 
 
 def _compiler_params(num_warps):
+  # Pallas's Triton backend (deprecated from JAX 0.11; Mosaic GPU is its successor). Older
+  # releases named the class TritonCompilerParams.
   from jax.experimental.pallas import triton as plgpu
 
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  params = getattr(plgpu, 'CompilerParams', None) or plgpu.TritonCompilerParams
+  return params(num_warps=num_warps, num_stages=1)
 
 
 def _forward(u, delta, A, B, C, D, bias, interpret):
@@ -252,6 +256,38 @@ def selective_scan_fused(
   return y.reshape(u.shape)
 
 
+@functools.cache
+def fused_backend_available() -> bool:
+  """Whether this JAX can compile and run the kernels on the default backend (a GPU).
+
+  Compiles and runs a tiny forward + backward once per process. If Pallas's Triton backend is
+  missing or broken (it is deprecated from JAX 0.11 and may be removed), logs a one-line notice
+  and returns False: callers then use the XLA scan instead of failing.
+  """
+  if jax.default_backend() != 'gpu':
+    return False
+  try:
+    f32 = jnp.float32
+    u = jnp.ones((1, 8, 8), f32)
+    n = jnp.ones((1, 8, 16), f32)
+    args = (u, u, -jnp.ones((8, 16), f32), n, n, jnp.ones((8,), f32), jnp.zeros((8,), f32))
+    fn = jax.jit(jax.grad(lambda *a: _fused_scan(*a, False).sum(), argnums=(0, 1)))
+    jax.block_until_ready(fn(*args))
+    return True
+  except Exception as e:
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    logging.warning(
+      'vcmamba_jax: the fused Pallas scan is unavailable with jax %s (%s: %s); using the XLA '
+      "scan ('associative') instead.",
+      jax.__version__,
+      type(e).__name__,
+      first_line,
+    )
+    return False
+
+
 def fused_scan_supported(length: int, inner: int) -> bool:
   """Whether the fused kernel applies on this backend and shape (else use 'associative')."""
-  return jax.default_backend() == 'gpu' and length <= MAX_UNROLLED_LENGTH and inner % 8 == 0
+  if jax.default_backend() != 'gpu' or length > MAX_UNROLLED_LENGTH or inner % 8:
+    return False
+  return fused_backend_available()

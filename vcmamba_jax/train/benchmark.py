@@ -93,20 +93,31 @@ def _result(seconds: float, batch: int, flops: float | None, peak: float | None)
   return result
 
 
-def benchmark(
-  config: ConfigDict, *, num_steps: int, warmup: int, modes: list[str], peak: float | None = None
-) -> dict[str, Any]:
-  """Runs the measurements of `modes`; returns a JSON-able dict."""
+def synthetic_batch(
+  config: ConfigDict, mesh, batch_size: int, with_mask: bool, seed: int = 1
+) -> dict[str, jax.Array]:
+  """A random uint8 batch of the config's image size, already sharded on the devices."""
+  size = config.model.img_size
+
+  def make(key):
+    batch = {
+      'image': jax.random.randint(key, (batch_size, size, size, 3), 0, 256, jnp.uint8),
+      'label': jax.random.randint(key, (batch_size,), 0, config.model.num_classes),
+      'num_skipped': jnp.zeros((batch_size,), jnp.int32),
+    }
+    if with_mask:
+      batch['mask'] = jnp.ones((batch_size,), bool)
+    return batch
+
+  return jax.jit(make, out_shardings=sharding_lib.batch_sharding(mesh))(jax.random.PRNGKey(seed))
+
+
+def setup(config: ConfigDict, steps_per_epoch: int = 1000) -> dict[str, Any]:
+  """Model, optimizer, train state, teacher and the jitted train/eval steps of a config.
+
+  The train step is called as `train_step(state, batch, teacher_variables)`.
+  """
   mesh = sharding_lib.create_mesh(config.mesh.fsdp)
-  device_kind = jax.devices()[0].device_kind
-  peak = peak or peak_tflops(device_kind, config.model.dtype)
-  try:
-    source = data_lib.get_source(config.data.dataset, config.data.train_split, config.data.data_dir)
-    steps_per_epoch = data_lib.train_steps_per_epoch(
-      len(source), config.global_batch_size, config.data.repeated_aug
-    )
-  except (FileNotFoundError, ValueError) as e:  # no dataset here: synthetic measurements only
-    source, data_error, steps_per_epoch = None, str(e).splitlines()[0], 1000
   model = trainer.build_model(config)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
   tx = optim.create_optimizer(config, schedule)
@@ -120,7 +131,41 @@ def benchmark(
     fsdp_min_size=config.mesh.fsdp_min_size,
   )
   teacher = distillation.load_teacher(config, mesh)
-  teacher_variables = teacher.variables if teacher else {}
+  return {
+    'mesh': mesh,
+    'model': model,
+    'state': state,
+    'shardings': shardings,
+    'teacher': teacher,
+    'teacher_variables': teacher.variables if teacher else {},
+    'train_step': trainer.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher),
+    'eval_step': trainer.jit_eval_step(
+      model, mesh, {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
+    ),
+    'eval_sums': jax.device_put(steps.init_eval_sums(['']), sharding_lib.replicated(mesh)),
+  }
+
+
+def benchmark(
+  config: ConfigDict, *, num_steps: int, warmup: int, modes: list[str], peak: float | None = None
+) -> dict[str, Any]:
+  """Runs the measurements of `modes`; returns a JSON-able dict.
+
+  Also reports the compile times of the train and eval steps (`train_compile_s`,
+  `eval_compile_s`: lower + compile; a warm persistent compilation cache shortens them).
+  """
+  device_kind = jax.devices()[0].device_kind
+  peak = peak or peak_tflops(device_kind, config.model.dtype)
+  try:
+    source = data_lib.get_source(config.data.dataset, config.data.train_split, config.data.data_dir)
+    steps_per_epoch = data_lib.train_steps_per_epoch(
+      len(source), config.global_batch_size, config.data.repeated_aug
+    )
+  except (FileNotFoundError, ValueError) as e:  # no dataset here: synthetic measurements only
+    source, data_error, steps_per_epoch = None, str(e).splitlines()[0], 1000
+  built = setup(config, steps_per_epoch)
+  mesh, state, teacher = built['mesh'], built['state'], built['teacher']
+  teacher_variables = built['teacher_variables']
   size = config.model.img_size
   report: dict[str, Any] = {
     'config': {
@@ -145,22 +190,10 @@ def benchmark(
   results = report['results']
   block = jax.block_until_ready
 
-  def synthetic_batch(batch_size: int, with_mask: bool) -> dict[str, jax.Array]:
-    def make(key):
-      batch = {
-        'image': jax.random.randint(key, (batch_size, size, size, 3), 0, 256, jnp.uint8),
-        'label': jax.random.randint(key, (batch_size,), 0, config.model.num_classes),
-        'num_skipped': jnp.zeros((batch_size,), jnp.int32),
-      }
-      if with_mask:
-        batch['mask'] = jnp.ones((batch_size,), bool)
-      return batch
-
-    return jax.jit(make, out_shardings=sharding_lib.batch_sharding(mesh))(jax.random.PRNGKey(1))
-
-  train_step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher)
-  batch = synthetic_batch(config.global_batch_size, with_mask=False)
-  compiled_train = train_step.lower(state, batch, teacher_variables).compile()
+  batch = synthetic_batch(config, mesh, config.global_batch_size, with_mask=False)
+  start = time.perf_counter()
+  compiled_train = built['train_step'].lower(state, batch, teacher_variables).compile()
+  report['train_compile_s'] = time.perf_counter() - start
   train_flops = _flops_per_device(compiled_train)
 
   if 'train_synthetic' in modes:
@@ -177,12 +210,11 @@ def benchmark(
 
   if 'eval_synthetic' in modes:
     weights = {'': state.variables()}
-    eval_step = trainer.jit_eval_step(
-      model, mesh, {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
-    )
-    eval_batch = synthetic_batch(config.eval_batch_size, with_mask=True)
-    sums = jax.device_put(steps.init_eval_sums(['']), sharding_lib.replicated(mesh))
-    compiled_eval = eval_step.lower(weights, eval_batch, sums).compile()
+    eval_batch = synthetic_batch(config, mesh, config.eval_batch_size, with_mask=True)
+    sums = built['eval_sums']
+    start = time.perf_counter()
+    compiled_eval = built['eval_step'].lower(weights, eval_batch, sums).compile()
+    report['eval_compile_s'] = time.perf_counter() - start
     holder = {'sums': sums}
 
     def run_eval():
@@ -256,4 +288,11 @@ def format_table(report: dict[str, Any]) -> str:
         f'{name:<16}{r["img_per_sec"]:>10.1f}{r["img_per_sec_per_device"]:>11.1f}'
         f'{1000 * r["step_time_s"]:>10.1f}{mfu:>8}{mem:>14}'
       )
+  compile_s = [
+    f'{what} {report[key]:.1f} s'
+    for what, key in (('train step', 'train_compile_s'), ('eval step', 'eval_compile_s'))
+    if report.get(key) is not None
+  ]
+  if compile_s:
+    lines.append('compile (lower + compile): ' + ', '.join(compile_s))
   return '\n'.join(lines)

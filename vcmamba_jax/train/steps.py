@@ -72,6 +72,19 @@ def distillation_loss(
   return (1.0 - alpha) * base + alpha * kd
 
 
+def global_norm(tree: Any) -> jax.Array:
+  """l2 norm over all leaves (float32), as ``optax.tree.norm``, in one reduction.
+
+  ``optax.tree.norm`` reduces every leaf separately: for VCMamba-B's ~390 leaves that is ~390
+  tiny kernels per norm on a GPU (~1.3 ms of a train step). Concatenating the squared leaves
+  lets XLA fuse them into one reduction.
+  """
+  leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate(leaves))))
+
+
 # ------------------------------------------------------------------------------------------------
 # Train step.
 # ------------------------------------------------------------------------------------------------
@@ -166,7 +179,7 @@ def make_train_step(
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = global_norm(grads)
     update_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
@@ -188,7 +201,7 @@ def make_train_step(
     metrics = {
       'loss': loss,
       'grad_norm': grad_norm,
-      'param_norm': optax.tree.norm(new.params),
+      'param_norm': global_norm(new.params),
       'lr': jnp.asarray(schedule(state.step), jnp.float32),
       'update_ok': update_ok,
       'skipped_updates': new.skipped_updates,

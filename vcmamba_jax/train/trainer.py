@@ -52,11 +52,32 @@ def run(config: ConfigDict, workdir: str, hooks: Hooks | None = None) -> dict[st
   validate_lib.validate_config(config)
   initialize_distributed(config.distributed)
   metrics_lib.quiet_library_logs()
+  enable_compilation_cache(config.get('compilation_cache_dir', 'auto'), workdir)
   if config.mode == 'train':
     return train_and_evaluate(config, workdir, hooks=hooks)
   if config.mode == 'eval':
     return evaluate(config, workdir)
   raise ValueError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
+
+
+def enable_compilation_cache(setting: str, workdir: str | None) -> str | None:
+  """Turns on JAX's persistent compilation cache; returns its directory (None: off).
+
+  `setting`: 'auto' = $JAX_COMPILATION_CACHE_DIR if set, else `<workdir>/xla_cache` (so a resumed
+  run or a rerun of the same command skips the minutes-long GPU compile of the train step);
+  '' or 'off' = leave JAX's setting alone; any other value = that directory.
+  """
+  if setting in ('', 'off'):
+    return None
+  if setting == 'auto':
+    path = os.environ.get('JAX_COMPILATION_CACHE_DIR') or (
+      os.path.join(workdir, 'xla_cache') if workdir else None
+    )
+  else:
+    path = setting
+  if path:
+    jax.config.update('jax_compilation_cache_dir', path)
+  return path
 
 
 # ------------------------------------------------------------------------------------------------

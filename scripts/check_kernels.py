@@ -1,0 +1,194 @@
+r"""Checks every fast path against its reference on the current backend, and times both.
+
+  python scripts/check_kernels.py --model vcmamba_b --batch 128      # on the GPU machine
+
+Checked (fresh random inputs each, forward and gradients of every input, float32 and bfloat16):
+- the fused selective scan (`scan_impl='fused'`, Pallas) against the sequential `lax.scan`
+  reference, at the model's Mamba shapes (4 directions, L = 49, E = 2*C4, N = 16, delta and C
+  shared by the directions as in the upstream model);
+- `ops.depthwise_conv(impl='taps')` against `lax.conv` (cuDNN) at the model's depthwise shapes
+  (the mixer's 7x7 and the Mlp's 3x3 of every stage);
+- `ops.batch_norm_train` (hand-written VJP, fused GELU) against autodiff of the plain formula.
+Error = max |fast - ref| / max |ref| per output; bounds: 1e-5 (float32; 5e-3 with TF32 matmuls
+on GPUs), 2e-2 (bfloat16 inputs). Checks run at a small batch (`--check_batch`); then prints forward and forward+backward
+milliseconds of each fast path and its reference at `--batch` in bfloat16 (median of
+`--repeats`). Exits 1 if any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import vcmamba_jax
+from vcmamba_jax.models import ops, scan_pallas
+from vcmamba_jax.models import scan as scan_lib
+
+FAILED: list[str] = []
+
+
+def _time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)) * 1e3
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  if not np.all(np.isfinite(a)):
+    return float('inf')
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _compare(name: str, fast, ref, bound: float) -> None:
+  fast, ref = jax.tree.leaves(fast), jax.tree.leaves(ref)
+  errs = [_rel(f, r) for f, r in zip(fast, ref)]
+  ok = max(errs) <= bound
+  if not ok:
+    FAILED.append(name)
+  print(f'{"ok  " if ok else "FAIL"} {name:<58} max rel err {max(errs):.2e} (bound {bound:.0e})')
+
+
+def _grad_of(fn, argnums, shape):
+  weight = jax.random.normal(jax.random.key(99), shape, jnp.float32)
+  return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * weight), argnums=argnums))
+
+
+def check(name, fast_fn, ref_fn, args, bound, argnums):
+  """Forward and gradients (of sum(out * w), w random) of fast vs ref."""
+  out_f, out_r = jax.jit(fast_fn)(*args), jax.jit(ref_fn)(*args)
+  _compare(f'{name} forward', out_f, out_r, bound)
+  shape = jnp.shape(out_r)
+  grads_f = _grad_of(fast_fn, argnums, shape)(*args)
+  _compare(f'{name} gradients', grads_f, _grad_of(ref_fn, argnums, shape)(*args), bound)
+
+
+def timing(fast_fn, ref_fn, args, repeats, argnums):
+  """Median ms of forward and forward+backward of both."""
+  shape = jax.eval_shape(fast_fn, *args).shape
+  grad_f, grad_r = _grad_of(fast_fn, argnums, shape), _grad_of(ref_fn, argnums, shape)
+  return {
+    'fast_fwd_ms': _time(jax.jit(fast_fn), *args, repeats=repeats),
+    'fast_fwd_bwd_ms': _time(grad_f, *args, repeats=repeats),
+    'ref_fwd_ms': _time(jax.jit(ref_fn), *args, repeats=repeats),
+    'ref_fwd_bwd_ms': _time(grad_r, *args, repeats=repeats),
+  }
+
+
+def scan_inputs(key, batch, length, inner, dtype, state=16):
+  ks = jax.random.split(key, 7)
+  u = jax.random.normal(ks[0], (batch, 4, length, inner), dtype)
+  delta = (jax.random.normal(ks[1], (batch, 1, length, inner)) * 0.5 - 1.0).astype(dtype)
+  A = -jnp.exp(jax.random.normal(ks[2], (inner, state)) * 0.5)
+  B = jax.random.normal(ks[3], (batch, 4, length, state))
+  C = jax.random.normal(ks[4], (batch, 1, length, state)).astype(dtype)
+  D = jax.random.normal(ks[5], (inner,))
+  bias = jax.random.normal(ks[6], (inner,)) * 0.1
+  return u, delta, A, B, C, D, bias
+
+
+def cases(model: str, batch: int, length: int, dtype, seed: int):
+  """(name, fast, ref, args, argnums) of every fast path at the model's shapes."""
+  widths = vcmamba_jax.create_model(model).widths
+  inner = 2 * widths[-1]
+  gpu = jax.default_backend() == 'gpu'
+  out = []
+  inputs = scan_inputs(jax.random.key(seed), batch, length, inner, dtype)
+  out.append(
+    (
+      'scan fused vs sequential',
+      lambda *a: scan_pallas.selective_scan_fused(*a, interpret=not gpu),
+      lambda *a: scan_lib.selective_scan(*a, impl='sequential'),
+      inputs,
+      tuple(range(7)),
+    )
+  )
+  # The depthwise convs: the mixer's 7x7 and the Mlp's 3x3 on every stage's grid.
+  shapes = [(7, 7, inner)] + [(3, 56 // 2**s, 4 * c) for s, c in enumerate(widths)]
+  for i, (k, grid, channels) in enumerate(shapes):
+    key_x, key_w, key_b = jax.random.split(jax.random.key(seed * 100 + i), 3)
+    x = jax.random.normal(key_x, (batch, grid, grid, channels), dtype)
+    w = jax.random.normal(key_w, (k, k, 1, channels)) * 0.2
+    b = jax.random.normal(key_b, (channels,))
+    out.append(
+      (
+        f'depthwise {k}x{k} taps vs lax.conv {grid}x{grid}x{channels}',
+        lambda x, w, b: ops.depthwise_conv(x, w, b, impl='taps'),
+        lambda x, w, b: ops.depthwise_conv(x, w, b, impl='xla'),
+        (x, w, b),
+        (0, 1, 2),
+      )
+    )
+  kx, ks, kb = jax.random.split(jax.random.key(seed * 1000), 3)
+  channels = 4 * widths[0]
+  x = (jax.random.normal(kx, (batch, 56, 56, channels)) * 2 + 0.5).astype(dtype)
+  scale = 1 + 0.1 * jax.random.normal(ks, (channels,))
+  shift = 0.1 * jax.random.normal(kb, (channels,))
+
+  def bn_plain(x, scale, shift):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean((0, 1, 2))
+    var = jnp.square(xf - mean).mean((0, 1, 2))
+    y = (xf - mean) * (scale * jax.lax.rsqrt(var + 1e-5)) + shift
+    return jax.nn.gelu(y, approximate=False).astype(x.dtype)
+
+  out.append(
+    (
+      f'batch_norm_train+gelu vs autodiff 56x56x{channels}',
+      lambda x, s, b: ops.batch_norm_train(x, s, b, 1e-5, 'gelu')[0],
+      bn_plain,
+      (x, scale, shift),
+      (0, 1, 2),
+    )
+  )
+  return out
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument('--model', default='vcmamba_b')
+  parser.add_argument('--batch', type=int, default=128, help='batch of the timings')
+  parser.add_argument('--check_batch', type=int, default=4, help='batch of the checks')
+  parser.add_argument('--length', type=int, default=49)
+  parser.add_argument('--repeats', type=int, default=20)
+  parser.add_argument('--skip_timing', action='store_true')
+  args = parser.parse_args()
+  print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}', flush=True)
+  gpu = jax.default_backend() == 'gpu'
+  for seed, (dtype, bound) in enumerate(((jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)), start=1):
+    for name, fast, ref, fn_args, argnums in cases(
+      args.model, args.check_batch, args.length, dtype, seed
+    ):
+      # XLA's GPU convolutions and matmuls run float32 as TF32 by default.
+      tol = 5e-3 if gpu and dtype == jnp.float32 and 'lax.conv' in name else bound
+      check(f'{name}, {jnp.dtype(dtype).name}', fast, ref, fn_args, tol, argnums)
+  rows = {}
+  if not args.skip_timing:
+    for name, fast, ref, fn_args, argnums in cases(
+      args.model, args.batch, args.length, jnp.bfloat16, 7
+    ):
+      rows[name] = timing(fast, ref, fn_args, args.repeats, argnums)
+      r = rows[name]
+      print(
+        f'time {name:<46} fast {r["fast_fwd_ms"]:.3f} / {r["fast_fwd_bwd_ms"]:.3f} ms, '
+        f'ref {r["ref_fwd_ms"]:.3f} / {r["ref_fwd_bwd_ms"]:.3f} ms (fwd / fwd+bwd)',
+        flush=True,
+      )
+  if FAILED:
+    print(f'{len(FAILED)} check(s) FAILED: {FAILED}')
+    return 1
+  print('all checks passed')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,57 @@
+"""The fast formulations in models/ops.py against the plain ones (CPU, float32, exact bounds)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vcmamba_jax.models import ops
+
+
+def _grads(fn, args):
+  weight = jax.random.normal(jax.random.key(7), jnp.shape(fn(*args)))
+  return jax.grad(lambda *a: jnp.sum(fn(*a) * weight), argnums=tuple(range(len(args))))(*args)
+
+
+@pytest.mark.parametrize('impl', ['taps', 'matmul'])
+@pytest.mark.parametrize('kernel,height,width', [(3, 9, 10), (7, 7, 7), (3, 5, 8), (7, 2, 3)])
+def test_depthwise_conv_matches_lax_conv(impl, kernel, height, width):
+  keys = jax.random.split(jax.random.key(kernel * 100 + height), 3)
+  x = jax.random.normal(keys[0], (2, height, width, 6))
+  w = jax.random.normal(keys[1], (kernel, kernel, 1, 6))
+  b = jax.random.normal(keys[2], (6,))
+  with jax.default_matmul_precision('highest'):
+    fast = lambda x, w, b: ops.depthwise_conv(x, w, b, impl=impl)
+    ref = lambda x, w, b: ops.depthwise_conv(x, w, b, impl='xla')
+    np.testing.assert_allclose(fast(x, w, b), ref(x, w, b), rtol=1e-5, atol=1e-5)
+    for g_fast, g_ref in zip(_grads(fast, (x, w, b)), _grads(ref, (x, w, b))):
+      np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv_rejects_a_dense_kernel():
+  with pytest.raises(ValueError, match='depthwise kernel'):
+    ops.depthwise_conv(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 3)))
+
+
+@pytest.mark.parametrize('activation', ['none', 'relu', 'gelu'])
+def test_batch_norm_train_matches_autodiff_of_the_formula(activation):
+  keys = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(keys[0], (4, 5, 6, 8)) * 3 + 1
+  scale = 1 + 0.3 * jax.random.normal(keys[1], (8,))
+  bias = 0.3 * jax.random.normal(keys[2], (8,))
+
+  def plain(x, scale, bias):
+    mean = x.mean((0, 1, 2))
+    var = jnp.square(x - mean).mean((0, 1, 2))
+    return ops.activate((x - mean) * scale * jax.lax.rsqrt(var + 1e-5) + bias, activation)
+
+  fast = lambda x, s, b: ops.batch_norm_train(x, s, b, 1e-5, activation)[0]
+  np.testing.assert_allclose(fast(x, scale, bias), plain(x, scale, bias), rtol=1e-5, atol=1e-5)
+  for g_fast, g_ref in zip(_grads(fast, (x, scale, bias)), _grads(plain, (x, scale, bias))):
+    np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+  # Statistics (for the running averages): mean and biased variance, float32.
+  _, mean, var = ops.batch_norm_train(x, scale, bias, 1e-5, activation)
+  np.testing.assert_allclose(mean, x.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(var, x.var((0, 1, 2)), rtol=1e-5)

@@ -1,0 +1,254 @@
+"""Fast formulations of the network's memory-bound ops: depthwise convolution and train-mode
+BatchNorm (with an optional fused activation).
+
+Every function here computes the same numbers as the plain formulation (up to float rounding
+order); the golden tests run through them. Why each exists (measured on one H200, see
+docs/../notes and the README speed table):
+- cuDNN picks a slow grouped-direct kernel for some depthwise shapes: the Mlp's 3x3 depthwise
+  conv at 28x28x512 (stage 2 of B) took 2.8 ms forward and 2.9 ms backward per block at batch
+  128 in bfloat16, 23 ms of a 92 ms step. `impl='taps'` writes the conv as K*K shifted
+  multiply-adds (one fused elementwise pass) with a hand-written VJP: the input gradient is the
+  same pass over the output gradient with the flipped kernel, the kernel gradient one fused
+  reduction. All three are memory-bound single passes.
+- Autodiff of BatchNorm's two-pass statistics gives several reduction passes and keeps float32
+  copies of the activations for the backward pass. `batch_norm_train` has a hand-written VJP: it
+  keeps only the (bfloat16) input, and the backward is one fused two-sum reduction plus one
+  elementwise pass, with the activation (GELU/ReLU) recomputed inside it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DepthwiseImpl = Literal['auto', 'taps', 'xla', 'matmul']
+Activation = Literal['none', 'relu', 'gelu']
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise convolution
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def _tap_selection(height: int, width: int, kernel: int) -> np.ndarray:
+  """One-hot [HW, HW, k*k]: S[p, q, t] = 1 where input q reaches output p through tap t
+  (stride 1, symmetric zero padding k//2, cross-correlation as torch/lax conv)."""
+  pad = kernel // 2
+  positions = height * width
+  sel = np.zeros((positions, positions, kernel * kernel), np.float32)
+  for pi in range(height):
+    for pj in range(width):
+      for di in range(kernel):
+        for dj in range(kernel):
+          qi, qj = pi + di - pad, pj + dj - pad
+          if 0 <= qi < height and 0 <= qj < width:
+            sel[pi * width + pj, qi * width + qj, di * kernel + dj] = 1.0
+  sel.setflags(write=False)
+  return sel
+
+
+def _depthwise_as_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """y[b, p, c] = sum_q T[p, q, c] x[b, q, c] with T built from the taps (exact selection)."""
+  batch, height, width, channels = x.shape
+  k = kernel.shape[0]
+  sel = jnp.asarray(_tap_selection(height, width, k), kernel.dtype)
+  taps = kernel.reshape(k * k, channels)
+  # One nonzero product per entry: exact in any precision of the operands.
+  matrix = jnp.einsum('pqt,tc->cpq', sel, taps, precision=jax.lax.Precision.HIGHEST)
+  tokens = x.reshape(batch, height * width, channels)
+  y = jnp.einsum('cpq,bqc->bpc', matrix.astype(x.dtype), tokens)
+  return y.reshape(batch, height, width, channels)
+
+
+def _shifted(xp: jax.Array, di: int, dj: int, height: int, width: int) -> jax.Array:
+  rows = jax.lax.slice_in_dim(xp, di, di + height, axis=1)
+  return jax.lax.slice_in_dim(rows, dj, dj + width, axis=2)
+
+
+def _taps_correlate(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """sum_t shift_t(pad(x)) * kernel[t] with float32 accumulation; x [B, H, W, C], kernel
+  [K, K, C]. Cross-correlation with zero padding K//2 (as lax.conv / torch)."""
+  _, height, width, _ = x.shape
+  k = kernel.shape[0]
+  pad = k // 2
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  w = kernel.astype(jnp.float32)
+  acc = None
+  for di in range(k):
+    for dj in range(k):
+      term = _shifted(xp, di, dj, height, width).astype(jnp.float32) * w[di, dj]
+      acc = term if acc is None else acc + term
+  return acc.astype(x.dtype)
+
+
+@jax.custom_vjp
+def _depthwise_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return _taps_correlate(x, kernel)
+
+
+def _depthwise_taps_fwd(x, kernel):
+  return _taps_correlate(x, kernel), (x, kernel)
+
+
+def _depthwise_taps_bwd(residuals, g):
+  x, kernel = residuals
+  _, height, width, _ = x.shape
+  k = kernel.shape[0]
+  pad = k // 2
+  # d/dx of a correlation is the correlation of g with the flipped kernel.
+  dx = _taps_correlate(g.astype(x.dtype), kernel[::-1, ::-1])
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  g32 = g.astype(jnp.float32)
+  # dkernel[t, c] = sum_{b,h,w} shift_t(pad(x)) * g: K*K sibling reductions over the same two
+  # operands, which XLA merges into one multi-output reduction (never a [B,H,W,K*K,C] tensor).
+  dkernel = jnp.stack(
+    [
+      jnp.sum(_shifted(xp, di, dj, height, width).astype(jnp.float32) * g32, axis=(0, 1, 2))
+      for di in range(k)
+      for dj in range(k)
+    ]
+  ).reshape(kernel.shape)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
+
+
+def depthwise_conv(
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None = None,
+  *,
+  impl: DepthwiseImpl = 'auto',
+) -> jax.Array:
+  """Depthwise KxK convolution, stride 1, padding K//2 (as torch Conv2d(groups=C)), NHWC.
+
+  Args:
+    x: [B, H, W, C] in the compute dtype.
+    kernel: [K, K, 1, C] (flax's layout of a depthwise conv kernel), K odd.
+    bias: optional [C].
+    impl: 'taps' (K*K shifted multiply-adds, hand-written VJP; float32 accumulation),
+      'xla' (lax.conv_general_dilated: cuDNN on GPUs), 'matmul' (a per-channel [HW, HW] matrix;
+      small grids only), 'auto' = 'taps'.
+  Returns:
+    [B, H, W, C] in x's dtype.
+  """
+  if kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[0] % 2 != 1:
+    raise ValueError(f'expected a [K, K, 1, C] depthwise kernel with K odd, got {kernel.shape}')
+  channels = x.shape[-1]
+  if impl == 'auto':
+    impl = 'taps'
+  kernel = kernel.astype(x.dtype)
+  if impl == 'taps':
+    y = _depthwise_taps(x, kernel[:, :, 0, :])
+  elif impl == 'matmul':
+    y = _depthwise_as_matmul(x, kernel[:, :, 0, :])
+  elif impl == 'xla':
+    pad = kernel.shape[0] // 2
+    y = jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=(1, 1),
+      padding=((pad, pad), (pad, pad)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=channels,
+    )
+  else:
+    raise ValueError(f"depthwise impl must be 'auto', 'taps', 'xla' or 'matmul', got {impl!r}")
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return y
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm (train mode) with a fused activation
+# ---------------------------------------------------------------------------------------------
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+
+
+def activate(z: jax.Array, activation: Activation) -> jax.Array:
+  """'none' | 'relu' | 'gelu' (exact erf, as torch.nn.GELU())."""
+  if activation == 'none':
+    return z
+  if activation == 'relu':
+    return jax.nn.relu(z)
+  if activation == 'gelu':
+    return jax.nn.gelu(z, approximate=False)
+  raise ValueError(f"activation must be 'none', 'relu' or 'gelu', got {activation!r}")
+
+
+def _activation_grad(z: jax.Array, activation: Activation) -> jax.Array:
+  """d act(z) / dz (float32)."""
+  if activation == 'none':
+    return jnp.ones_like(z)
+  if activation == 'relu':
+    return (z > 0).astype(z.dtype)
+  cdf = 0.5 * (1.0 + jax.lax.erf(z * _SQRT_HALF))
+  pdf = jnp.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+  return cdf + z * pdf
+
+
+def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Batch mean and biased variance over all axes but the last, float32, two passes."""
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=axes)
+  var = jnp.mean(jnp.square(xf - mean), axis=axes)
+  return mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, activation: Activation
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Train-mode BatchNorm over all axes but the last, then `activation`.
+
+  Args:
+    x: [..., C] activations (any float dtype; statistics in float32).
+    scale, bias: [C] float32 affine parameters.
+    epsilon: added to the variance.
+    activation: 'none' | 'relu' | 'gelu' (exact erf GELU), applied after the affine.
+  Returns:
+    (y in x's dtype, batch mean [C], biased batch variance [C]); mean/var float32.
+  """
+  y, mean, var, _ = _bn_forward(x, scale, bias, epsilon, activation)
+  return y, mean, var
+
+
+def _bn_forward(x, scale, bias, epsilon, activation):
+  mean, var = _moments(x)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  z = (x.astype(jnp.float32) - mean) * (scale * rstd) + bias
+  return activate(z, activation).astype(x.dtype), mean, var, rstd
+
+
+def _bn_fwd(x, scale, bias, epsilon, activation):
+  y, mean, var, rstd = _bn_forward(x, scale, bias, epsilon, activation)
+  return (y, mean, var), (x, scale, bias, mean, rstd)
+
+
+def _bn_bwd(epsilon, activation, residuals, cotangents):
+  del epsilon
+  x, scale, bias, mean, rstd = residuals
+  dy, dmean, dvar = cotangents
+  axes = tuple(range(x.ndim - 1))
+  count = math.prod(x.shape[:-1])
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  dz = dy.astype(jnp.float32)
+  if activation != 'none':
+    dz = dz * _activation_grad(xhat * scale + bias, activation)
+  # One pass over (dz, x): both sums come out of one multi-output reduction fusion.
+  dbias = jnp.sum(dz, axis=axes)
+  dscale = jnp.sum(dz * xhat, axis=axes)
+  dx = (scale * rstd) * (dz - (dbias + xhat * dscale) / count)
+  # The statistics are outputs too (running averages); their cotangents are zero in training,
+  # kept for exactness if someone differentiates through them.
+  dx = dx + dmean / count + dvar * (2.0 / count) * (xhat / rstd)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
