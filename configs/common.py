@@ -61,6 +61,9 @@ def imagenet_recipe(model_name: str) -> config_dict.ConfigDict:
   # Selective scan: 'auto' (the fused kernel on GPU) | 'associative' | 'sequential' | 'fused'.
   config.model.scan_impl = 'auto'
   config.model.remat_scan = True  # recompute the scan in the backward pass (saves memory).
+  # Depthwise convs: 'auto' (= 'taps': shifted multiply-adds with a hand-written VJP; cuDNN's
+  # grouped kernels were 10x slower at some shapes on an H200) | 'xla' (cuDNN) | 'matmul'.
+  config.model.depthwise_impl = 'auto'
 
   config.data = config_dict.ConfigDict()
   config.data.dataset = 'imagenet2012'  # TFDS name, ArrayRecord format.

@@ -10,13 +10,21 @@ import pytest
 from vcmamba_jax.models import ops
 
 
-def _grads(fn, args):
-  weight = jax.random.normal(jax.random.key(7), jnp.shape(fn(*args)))
-  return jax.grad(lambda *a: jnp.sum(fn(*a) * weight), argnums=tuple(range(len(args))))(*args)
+def _value_and_grads(fn, args):
+  """fn(*args) and the gradients of sum(fn * w) (w random), in one jitted program."""
+  weight = jax.random.normal(jax.random.key(7), jax.eval_shape(fn, *args).shape)
+
+  def both(*a):
+    grads = jax.grad(lambda *b: jnp.sum(fn(*b) * weight), argnums=tuple(range(len(a))))(*a)
+    return fn(*a), grads
+
+  return jax.jit(both)(*args)
 
 
-@pytest.mark.parametrize('impl', ['taps', 'matmul'])
-@pytest.mark.parametrize('kernel,height,width', [(3, 9, 10), (7, 7, 7), (3, 5, 8), (7, 2, 3)])
+@pytest.mark.parametrize(
+  'impl,kernel,height,width',
+  [('taps', 3, 9, 10), ('taps', 7, 7, 7), ('taps', 7, 2, 3), ('matmul', 3, 5, 8)],
+)
 def test_depthwise_conv_matches_lax_conv(impl, kernel, height, width):
   keys = jax.random.split(jax.random.key(kernel * 100 + height), 3)
   x = jax.random.normal(keys[0], (2, height, width, 6))
@@ -25,9 +33,11 @@ def test_depthwise_conv_matches_lax_conv(impl, kernel, height, width):
   with jax.default_matmul_precision('highest'):
     fast = lambda x, w, b: ops.depthwise_conv(x, w, b, impl=impl)
     ref = lambda x, w, b: ops.depthwise_conv(x, w, b, impl='xla')
-    np.testing.assert_allclose(fast(x, w, b), ref(x, w, b), rtol=1e-5, atol=1e-5)
-    for g_fast, g_ref in zip(_grads(fast, (x, w, b)), _grads(ref, (x, w, b))):
-      np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-4)
+    y_fast, g_fast = _value_and_grads(fast, (x, w, b))
+    y_ref, g_ref = _value_and_grads(ref, (x, w, b))
+  np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+  for name, a, r in zip(['x', 'kernel', 'bias'], g_fast, g_ref):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def test_depthwise_conv_rejects_a_dense_kernel():
@@ -48,9 +58,11 @@ def test_batch_norm_train_matches_autodiff_of_the_formula(activation):
     return ops.activate((x - mean) * scale * jax.lax.rsqrt(var + 1e-5) + bias, activation)
 
   fast = lambda x, s, b: ops.batch_norm_train(x, s, b, 1e-5, activation)[0]
-  np.testing.assert_allclose(fast(x, scale, bias), plain(x, scale, bias), rtol=1e-5, atol=1e-5)
-  for g_fast, g_ref in zip(_grads(fast, (x, scale, bias)), _grads(plain, (x, scale, bias))):
-    np.testing.assert_allclose(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+  y_fast, g_fast = _value_and_grads(fast, (x, scale, bias))
+  y_ref, g_ref = _value_and_grads(plain, (x, scale, bias))
+  np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+  for name, a, r in zip(['x', 'scale', 'bias'], g_fast, g_ref):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-5, err_msg=name)
   # Statistics (for the running averages): mean and biased variance, float32.
   _, mean, var = ops.batch_norm_train(x, scale, bias, 1e-5, activation)
   np.testing.assert_allclose(mean, x.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)

@@ -200,6 +200,7 @@ class Mlp(nn.Module):
   """EfficientFormer/VCMamba conv Mlp: 1x1 -> BN -> GELU -> dw3x3 -> BN -> GELU -> 1x1 -> BN."""
 
   hidden_features: int
+  depthwise_impl: ops.DepthwiseImpl = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -208,7 +209,7 @@ class Mlp(nn.Module):
     hidden = self.hidden_features
     x = dense(hidden, dtype=self.dtype, name='fc1')(x)
     x = BatchNorm(activation='gelu', dtype=self.dtype, name='norm1')(x, train)
-    x = DepthwiseConv(3, dtype=self.dtype, name='mid')(x)
+    x = DepthwiseConv(3, impl=self.depthwise_impl, dtype=self.dtype, name='mid')(x)
     x = BatchNorm(activation='gelu', dtype=self.dtype, name='mid_norm')(x, train)
     x = dense(features, dtype=self.dtype, name='fc2')(x)
     return BatchNorm(dtype=self.dtype, name='norm2')(x, train)
@@ -220,6 +221,7 @@ class FFNBlock(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   layer_scale_init: float = 1e-5
+  depthwise_impl: ops.DepthwiseImpl = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -231,7 +233,12 @@ class FFNBlock(nn.Module):
       (features,),
       jnp.float32,
     )
-    y = Mlp(int(features * self.mlp_ratio), dtype=self.dtype, name='mlp')(x, train)
+    y = Mlp(
+      int(features * self.mlp_ratio),
+      depthwise_impl=self.depthwise_impl,
+      dtype=self.dtype,
+      name='mlp',
+    )(x, train)
     y = (y * layer_scale).astype(self.dtype)
     return x + DropPath(self.drop_path)(y, train)
 

@@ -30,6 +30,7 @@ from vcmamba_jax.models.layers import (
   normal_init,
   torch_default_init,
 )
+from vcmamba_jax.models.ops import DepthwiseImpl
 
 ScanMode = Literal['upstream', 'corrected']
 SCAN_MODES = ('upstream', 'corrected')
@@ -54,6 +55,7 @@ class PlainMamba2D(nn.Module):
   scan_mode: ScanMode = 'upstream'
   scan_impl: scan_lib.ScanImpl = 'auto'
   remat_scan: bool = True
+  depthwise_impl: DepthwiseImpl = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -75,7 +77,7 @@ class PlainMamba2D(nn.Module):
       bias_init=torch_default_init(features),
     )(x)
     x = BatchNorm(dtype=self.dtype, name='in_norm')(x, train)
-    x = DepthwiseConv(self.d_conv, dtype=self.dtype, name='conv2d')(x)
+    x = DepthwiseConv(self.d_conv, impl=self.depthwise_impl, dtype=self.dtype, name='conv2d')(x)
     x = jax.nn.silu(x)
     tokens = x.reshape(batch, height * width, inner)  # row-major token order
 
@@ -135,6 +137,7 @@ class PlainMambaLayer(nn.Module):
   scan_mode: ScanMode = 'upstream'
   scan_impl: scan_lib.ScanImpl = 'auto'
   remat_scan: bool = True
+  depthwise_impl: DepthwiseImpl = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -146,10 +149,16 @@ class PlainMambaLayer(nn.Module):
       scan_mode=self.scan_mode,
       scan_impl=self.scan_impl,
       remat_scan=self.remat_scan,
+      depthwise_impl=self.depthwise_impl,
       dtype=self.dtype,
       name='mamba',
     )(y, train)
     x = x + drop_path(y, train)
     y = BatchNorm(dtype=self.dtype, name='norm2')(x, train)
-    y = Mlp(int(features * self.mlp_ratio), dtype=self.dtype, name='mlp')(y, train)
+    y = Mlp(
+      int(features * self.mlp_ratio),
+      depthwise_impl=self.depthwise_impl,
+      dtype=self.dtype,
+      name='mlp',
+    )(y, train)
     return x + drop_path(y, train)

@@ -24,6 +24,7 @@ from vcmamba_jax.models.layers import (
   normal_init,
 )
 from vcmamba_jax.models.mamba import PlainMambaLayer, ScanMode
+from vcmamba_jax.models.ops import DepthwiseImpl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,13 +110,19 @@ class Stage(nn.Module):
   scan_mode: ScanMode = 'upstream'
   scan_impl: scan_lib.ScanImpl = 'auto'
   remat_scan: bool = True
+  depthwise_impl: DepthwiseImpl = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     num_ffn = self.depth - self.num_mamba_layers
     for j in range(num_ffn):
-      x = FFNBlock(drop_path=self.drop_path_rates[j], dtype=self.dtype, name=f'block{j}')(x, train)
+      x = FFNBlock(
+        drop_path=self.drop_path_rates[j],
+        depthwise_impl=self.depthwise_impl,
+        dtype=self.dtype,
+        name=f'block{j}',
+      )(x, train)
     if self.num_mamba_layers:
       grid = self.pos_embed_grid
       pos_embed = self.param('pos_embed', normal_init, (1, grid, grid, x.shape[-1]), jnp.float32)
@@ -127,6 +134,7 @@ class Stage(nn.Module):
         scan_mode=self.scan_mode,
         scan_impl=self.scan_impl,
         remat_scan=self.remat_scan,
+        depthwise_impl=self.depthwise_impl,
         dtype=self.dtype,
         name=f'block{j}',
       )(x, train)
@@ -153,6 +161,7 @@ class VCMamba(nn.Module):
   scan_mode: ScanMode = 'upstream'
   scan_impl: scan_lib.ScanImpl = 'auto'
   remat_scan: bool = True
+  depthwise_impl: DepthwiseImpl = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -181,6 +190,7 @@ class VCMamba(nn.Module):
         scan_mode=self.scan_mode,
         scan_impl=self.scan_impl,
         remat_scan=self.remat_scan,
+        depthwise_impl=self.depthwise_impl,
         dtype=self.dtype,
         name=f'stage{s}',
       )(x, train)
@@ -232,7 +242,7 @@ def create_model(
     **kwargs: other ``VCMamba`` fields: depths, widths, num_mamba_layers, scan_mode
       ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'fused';
       'auto' = the fused Pallas kernel on GPUs, else associative_scan), remat_scan,
-      stem_activation.
+      depthwise_impl ('auto' = 'taps' | 'xla' | 'matmul', see models/ops.py), stem_activation.
   """
   if name not in VARIANTS:
     raise ValueError(f'unknown model {name!r}; available: {sorted(VARIANTS)}')

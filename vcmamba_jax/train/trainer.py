@@ -141,6 +141,7 @@ def model_kwargs(config: ConfigDict) -> dict[str, Any]:
     'dtype': jnp.dtype(m.dtype),
     'scan_impl': m.scan_impl,
     'remat_scan': m.remat_scan,
+    'depthwise_impl': m.get('depthwise_impl', 'auto'),
   }
 
 
