@@ -67,3 +67,8 @@ def test_batch_norm_train_matches_autodiff_of_the_formula(activation):
   _, mean, var = ops.batch_norm_train(x, scale, bias, 1e-5, activation)
   np.testing.assert_allclose(mean, x.mean((0, 1, 2)), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(var, x.var((0, 1, 2)), rtol=1e-5)
+
+
+def test_gelu_matches_the_exact_erf_gelu():
+  z = jnp.linspace(-12.0, 12.0, 20001)
+  np.testing.assert_allclose(ops.gelu(z), jax.nn.gelu(z, approximate=False), rtol=1e-6, atol=2e-7)

@@ -27,8 +27,8 @@ LINEAR_INIT_STD = 0.02  # timm trunc_normal_(std=.02) on every Linear / 1x1 Mlp 
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch.nn.GELU()."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, as torch.nn.GELU() (same formula as torch: x/2 * (1 + erf(x/sqrt(2))))."""
+  return ops.gelu(x)
 
 
 def torch_default_init(fan_in: int) -> Initializer:

@@ -96,7 +96,8 @@ def device_kernel_times(xspace_path: str) -> tuple[list[dict[str, Any]], list[st
 
 
 def categorize(kernel: str, opcode: str, op_name: str) -> str:
-  """Coarse class of a kernel: conv, matmul, reduction, elementwise, pallas scan, copy, other."""
+  """Coarse class of a kernel: conv, matmul, gather/scatter, reduction, elementwise, the Pallas
+  scan, transpose/copy, other."""
   k = kernel.lower()
   if 'selective_scan' in op_name or '_fwd_kernel' in k or '_bwd_kernel' in k or 'pallas' in k:
     return 'scan (pallas)'
@@ -104,8 +105,12 @@ def categorize(kernel: str, opcode: str, op_name: str) -> str:
     return 'convolution'
   if opcode == 'custom-call' and 'conv' in op_name:
     return 'convolution'
-  if 'gemm' in k or 'cublas' in k or 'cutlass' in k or opcode == 'dot' or 'sm90_xmma' in k:
+  if any(name in k for name in ('gemm', 'cublas', 'cutlass', 'nvjet', 'sm90_xmma')):
     return 'matmul'
+  if opcode == 'dot':
+    return 'matmul'
+  if 'scatter' in k or 'gather' in k:
+    return 'gather/scatter'
   if 'reduce' in k or 'reduction' in k:
     return 'reduction fusion'
   if 'transpose' in k or 'copy' in k:
