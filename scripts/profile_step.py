@@ -1,7 +1,8 @@
 r"""Top kernels of the train and eval steps by device time, named by the model code they run.
 
   python scripts/profile_step.py --config=configs/vcmamba_b.py --config.model.dtype=bfloat16 \
-      --config.global_batch_size=128 --config.eval_batch_size=256 --json_out=profile_b.json
+      --config.distillation.type=none --config.global_batch_size=128 --config.eval_batch_size=256 \
+      --json_out=profile_b.json
 
 Runs the trainer's real jitted train step (augmentation, forward, backward, AdamW, EMA) and the
 eval step on synthetic on-device batches under `jax.profiler.trace`, then prints per step: kernel

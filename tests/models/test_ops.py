@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,5 +72,11 @@ def test_batch_norm_train_matches_autodiff_of_the_formula(activation):
 
 
 def test_gelu_matches_the_exact_erf_gelu():
-  z = jnp.linspace(-12.0, 12.0, 20001)
-  np.testing.assert_allclose(ops.gelu(z), jax.nn.gelu(z, approximate=False), rtol=1e-6, atol=2e-7)
+  """torch's formula in float32: within 1e-6 of the float64 GELU everywhere (absolute: for
+  z << 0, 1 + erf cancels, as in torch) and within 2e-6 relative for z >= -1."""
+  z = np.linspace(-12.0, 12.0, 20001, dtype=np.float32)
+  exact = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in z.astype(np.float64)])
+  got = np.asarray(ops.gelu(jnp.asarray(z)), np.float64)
+  assert np.abs(got - exact).max() <= 1e-6
+  upper = z >= -1
+  np.testing.assert_allclose(got[upper], exact[upper], rtol=2e-6, atol=1e-7)

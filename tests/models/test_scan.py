@@ -209,3 +209,22 @@ def test_zigzag_sequences_and_merge_match_the_tables(height, width):
   np.testing.assert_allclose(
     scan_lib.zigzag_merge(y, height, width).reshape(2, num, 3), merged, rtol=1e-6, atol=1e-6
   )
+
+
+def test_fused_probe_falls_back_with_one_notice_under_a_trace(caplog):
+  """Where the Pallas GPU backend cannot compile (here: the CPU), the probe says so in one log
+  line and returns False instead of raising, also when called while a jit is tracing."""
+  from vcmamba_jax.models import scan_pallas
+
+  results = []
+
+  @jax.jit
+  def outer(x):
+    results.append(scan_pallas.probe_fused_kernels())
+    return x + 1
+
+  with caplog.at_level('WARNING'):
+    outer(jnp.ones(()))
+  assert results == [False]
+  notices = [r for r in caplog.records if 'fused Pallas scan is unavailable' in r.getMessage()]
+  assert len(notices) == 1

@@ -18,6 +18,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_UNROLLED_LENGTH = 64
 FWD_BLOCK = 64
@@ -260,19 +261,29 @@ def selective_scan_fused(
 def fused_backend_available() -> bool:
   """Whether this JAX can compile and run the kernels on the default backend (a GPU).
 
-  Compiles and runs a tiny forward + backward once per process. If Pallas's Triton backend is
-  missing or broken (it is deprecated from JAX 0.11 and may be removed), logs a one-line notice
-  and returns False: callers then use the XLA scan instead of failing.
+  Compiles and runs a tiny forward + backward once per process (also when first asked while an
+  outer function is being traced). If Pallas's Triton backend is missing or broken (it is
+  deprecated from JAX 0.11 and may be removed), logs a one-line notice and returns False: callers
+  then use the XLA scan instead of failing.
   """
   if jax.default_backend() != 'gpu':
     return False
+  return probe_fused_kernels()
+
+
+def probe_fused_kernels() -> bool:
+  """Lowers, compiles and runs the fused forward + backward on tiny inputs; False (with one
+  logged line) on any failure. Independent of any trace in progress: it lowers from shapes and
+  runs on NumPy inputs."""
   try:
-    f32 = jnp.float32
-    u = jnp.ones((1, 8, 8), f32)
-    n = jnp.ones((1, 8, 16), f32)
-    args = (u, u, -jnp.ones((8, 16), f32), n, n, jnp.ones((8,), f32), jnp.zeros((8,), f32))
+    f32 = np.float32
+    u = np.ones((1, 8, 8), f32)
+    n = np.ones((1, 8, 16), f32)
+    args = (u, u, -np.ones((8, 16), f32), n, n, np.ones((8,), f32), np.zeros((8,), f32))
     fn = jax.jit(jax.grad(lambda *a: _fused_scan(*a, False).sum(), argnums=(0, 1)))
-    jax.block_until_ready(fn(*args))
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    compiled = fn.lower(*specs).compile()
+    np.asarray(compiled(*args)[0])
     return True
   except Exception as e:
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
