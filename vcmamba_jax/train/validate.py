@@ -19,6 +19,7 @@ from ml_collections import ConfigDict
 MODES = ('train', 'eval')
 DTYPES = ('float32', 'bfloat16')
 SCAN_IMPLS = ('auto', 'associative', 'sequential', 'fused')
+DEPTHWISE_IMPLS = ('auto', 'taps', 'xla', 'matmul')  # vcmamba_jax.models.ops.depthwise_conv
 INTERPOLATIONS = ('bicubic', 'bilinear', 'random')
 ERASING_MODES = ('pixel', 'rand', 'const')
 DISTRIBUTED = ('auto', 'on', 'off')
@@ -130,6 +131,7 @@ _RULES: list[tuple[str, Callable[[Any], str | None]]] = [
   ('model.dtype', _one_of(DTYPES)),
   ('model.scan_impl', _one_of(SCAN_IMPLS)),
   ('model.remat_scan', _boolean),
+  ('model.depthwise_impl', _one_of(DEPTHWISE_IMPLS)),
   ('data.dataset', _non_empty_str),
   ('data.train_split', _non_empty_str),
   ('data.eval_split', _non_empty_str),
