@@ -1,9 +1,9 @@
 r"""Trains or evaluates VCMamba. Kept short: the logic lives in `vcmamba_jax.train` (importable
 from a notebook: `vcmamba_jax.train.run(config, workdir)`).
 
-  python main.py --config=configs/digits.py --workdir=runs/digits
-  python main.py --config=configs/vcmamba_b.py --workdir=runs/b --config.data.data_dir=DIR
-  python main.py --config=configs/vcmamba_b.py --workdir=runs/b --config.mode=eval
+  python main.py --config=vcmamba_jax/configs/digits.py --workdir=runs/digits
+  python main.py --config=vcmamba_jax/configs/vcmamba_b.py --workdir=runs/b --config.data.data_dir=DIR
+  python main.py --config=vcmamba_jax/configs/vcmamba_b.py --workdir=runs/b --config.mode=eval
 
 Rerunning a command with the same --workdir resumes from its latest intact checkpoint. Any
 config field can be overridden with --config.<field>=<value>; unknown fields are errors.
@@ -26,7 +26,10 @@ from vcmamba_jax import checkpoint
 from vcmamba_jax.train import validate
 
 _CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Path to a config file, e.g. configs/vcmamba_b.py[:smoke].', lock_config=True
+  'config',
+  None,
+  'Path to a config file, e.g. vcmamba_jax/configs/vcmamba_b.py[:smoke].',
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
 _VERBOSE = flags.DEFINE_bool(

@@ -1,7 +1,7 @@
 r"""Compiles a config's training program for a Cloud TPU slice on this (CPU) host: memory per
 chip against HBM, FLOPs, HBM traffic and collectives per step, without a TPU.
 
-  python scripts/aot_compile.py --config=configs/vcmamba_b.py --topology=v5e:16x16 \
+  python scripts/aot_compile.py --config=vcmamba_jax/configs/vcmamba_b.py --topology=v5e:16x16 \
       --per_chip_batch=128 --config.model.dtype=bfloat16 [--config.mesh.fsdp=4] [--json_out=r.json]
 
 Needs libtpu (pip install -e ".[tpu]"). The programs are the exact jitted train and eval steps of
@@ -16,7 +16,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 # This host only compiles: JAX runs on the CPU (no attempt to open a TPU), libtpu is only the
 # compiler, so several compiles may share it, and its start-up warnings about the missing TPU are
 # silenced.

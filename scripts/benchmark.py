@@ -1,15 +1,15 @@
 r"""Training and evaluation speed of a config: img/s, step time, MFU, peak memory.
 
-  python scripts/benchmark.py --config=configs/vcmamba_b.py --config.model.dtype=bfloat16 \
+  python scripts/benchmark.py --config=vcmamba_jax/configs/vcmamba_b.py --config.model.dtype=bfloat16 \
       --config.distillation.type=none \
       --config.data.data_dir=$TFDS_DATA_DIR --json_out=bench_b_bf16.json
-  python scripts/benchmark.py --config=configs/vcmamba_s.py:smoke   # CPU check, seconds
+  python scripts/benchmark.py --config=vcmamba_jax/configs/vcmamba_s.py:smoke   # CPU check, seconds
   # a batch sweep (train and eval at each global batch size), for scripts/plot_benchmark.py
-  python scripts/benchmark.py --config=configs/vcmamba_b.py --config.model.dtype=bfloat16 \
+  python scripts/benchmark.py --config=vcmamba_jax/configs/vcmamba_b.py --config.model.dtype=bfloat16 \
       --config.distillation.type=none \
       --modes=train_synthetic,eval_synthetic --batch_sizes=32,64,128,256,512 --json_out=sweep_b.json
   # the recipe's train step with its RegNetY-160 teacher (random weights run at the same speed)
-  python scripts/benchmark.py --config=configs/vcmamba_b.py --config.model.dtype=bfloat16 \
+  python scripts/benchmark.py --config=vcmamba_jax/configs/vcmamba_b.py --config.model.dtype=bfloat16 \
       --config.distillation.teacher_path=random --config.distillation.dtype=bfloat16 \
       --modes=train_synthetic --json_out=bench_b_bf16_teacher.json
 
@@ -21,19 +21,14 @@ run. Override the device peak (TFLOP/s) with --peak_tflops.
 from __future__ import annotations
 
 import json
-import os
-import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-
-import jax
-
+from vcmamba_jax import distributed
 from vcmamba_jax.train import benchmark as benchmark_lib
 from vcmamba_jax.train import metrics as metrics_lib
-from vcmamba_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Config file (as for main.py).', lock_config=True
@@ -67,7 +62,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   metrics_lib.quiet_library_logs()
   config = _CONFIG.value
-  trainer.initialize_distributed(config.distributed)
+  distributed.initialize(config.distributed)
   batch_sizes = [int(b) for b in _BATCH_SIZES.value] or [None]
   reports = []
   for number, batch in enumerate(batch_sizes, start=1):

@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from vcmamba_jax import checkpoint as checkpoint_lib
 from vcmamba_jax import convert
 from vcmamba_jax.convert import pretrained as pretrained_lib
 from vcmamba_jax.models import vcmamba as vcmamba_lib
@@ -185,16 +184,6 @@ def convert_weights(args: argparse.Namespace) -> str:
       f'--output {args.output!r} looks like a PyTorch file, but without '
       '--to_pytorch the output is an exported model directory; pass '
       '--to_pytorch or choose a directory name'
-    )
-  if (
-    os.path.isdir(source)
-    and not convert.is_exported_model(source)
-    and checkpoint_lib.find_training_checkpoint(source) is None
-  ):
-    raise convert.CheckpointError(
-      f'{args.input} is a directory without a vcmamba_jax {pretrained_lib.CONFIG_JSON}: '
-      'expected an exported model directory, a training workdir or a .pth/.pt/.npz/.safetensors '
-      'file'
     )
   _check_output(output, args.overwrite)
 

@@ -9,7 +9,8 @@ r"""Classifies images with a VCMamba model: top-k ImageNet-1k classes and probab
 ``--weights`` is a Hugging Face Hub path ('hf-hub:owner/repo/file' or 'hf-hub:owner/repo' for an
 uploaded save_pretrained folder; cached by huggingface_hub, HF_HUB_OFFLINE=1 reads only the
 cache), an exported model directory (``scripts/convert_weights.py``) or a PyTorch file of the
-authors' format (.pth/.pt/.npz/.safetensors); without it, the official weights of ``--model``.
+authors' format (.pth/.pt/.npz/.safetensors) or one of our training runs (anything
+``vcmamba_jax.load_pretrained`` reads); without it, the official weights of ``--model``.
 ``--model`` is otherwise needed only to check what is loaded, the variant being detected.
 
 Preprocessing is the paper's evaluation transform: resize the shorter side to
@@ -139,8 +140,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument(
     '--weights',
     default=None,
-    help="'hf-hub:owner/repo[/file][@revision]', an exported model directory or a PyTorch file "
-    '(.pth/.pt/.npz/.safetensors); default: the official weights of --model',
+    help="'hf-hub:owner/repo[/file][@revision]', an exported model directory, a PyTorch file "
+    '(.pth/.pt/.npz/.safetensors) or a training run; default: the official weights of --model',
   )
   parser.add_argument(
     '--model',

@@ -386,36 +386,64 @@ class PreemptionWatcher:
 # ------------------------------------------------------------------------------------------------
 
 
-def find_training_checkpoint(path: str) -> str | None:
-  """The `.../<step>/state` directory that `path` designates, or None if it is not one of ours.
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+  # Only the 'state' item is read here; a PyTree handler reads its metadata and any subtree.
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  return ocp.CheckpointManager(
+    directory, item_handlers={STATE_ITEM: ocp.PyTreeCheckpointHandler()}, options=options
+  )
 
-  `path` may be a workdir, its `checkpoints` directory (latest step is used) or a step directory.
+
+def find_training_checkpoint(path: str | os.PathLike) -> tuple[str, int] | None:
+  """(checkpoints directory, step) of the training checkpoint `path` designates, or None if
+  `path` is not one of ours.
+
+  `path` may be a workdir or its `checkpoints` directory (the latest step is used), or a step
+  directory `.../checkpoints/<step>`. Steps are listed by orbax's read-only manager, so
+  unfinished (temporary) saves are never picked.
   """
   path = os.path.abspath(os.fspath(path))
-  if os.path.isdir(os.path.join(path, STATE_ITEM)):
-    return os.path.join(path, STATE_ITEM)
-  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
-    path = os.path.join(path, CHECKPOINTS_DIR)
   if not os.path.isdir(path):
     return None
-  steps = [
-    int(name)
-    for name in os.listdir(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, name, STATE_ITEM))
-  ]
-  return os.path.join(path, str(max(steps)), STATE_ITEM) if steps else None
+  name, parent = os.path.basename(path), os.path.dirname(path)
+  if name.isdigit() and os.path.isdir(os.path.join(path, STATE_ITEM)):
+    with _read_only_manager(parent) as manager:
+      if int(name) in manager.all_steps():
+        return parent, int(name)
+  for directory in (os.path.join(path, CHECKPOINTS_DIR), path):
+    if os.path.isdir(directory):
+      with _read_only_manager(directory) as manager:
+        step = manager.latest_step()
+      if step is not None:
+        return directory, step
+  return None
 
 
-def read_training_weights(state_dir: str) -> dict[str, Any]:
+def read_training_weights(path: str | os.PathLike) -> dict[str, Any]:
   """Reads {'params', 'batch_stats'} and, if present, 'ema' of a saved TrainState as numpy.
 
-  Only these subtrees are read (no optimizer state), whatever mesh wrote them.
+  `path`: anything `find_training_checkpoint` accepts. Only these subtrees are read (no
+  optimizer state), whatever mesh wrote them.
   """
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(state_dir).item_metadata.tree
-  wanted = {k: tree[k] for k in ('params', 'batch_stats', 'ema') if tree.get(k)}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  return checkpointer.restore(
-    state_dir,
-    args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True),
-  )
+  found = find_training_checkpoint(path)
+  if found is None:
+    raise FileNotFoundError(
+      f'no training checkpoint at {path} (expected a workdir, its '
+      f'{CHECKPOINTS_DIR}/ directory or a step directory)'
+    )
+  directory, step = found
+  with _read_only_manager(directory) as manager:
+    tree = manager.item_metadata(step)[STATE_ITEM].tree
+    wanted = {k: tree[k] for k in ('params', 'batch_stats', 'ema') if tree.get(k)}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        **{
+          STATE_ITEM: ocp.args.PyTreeRestore(
+            item=wanted, restore_args=restore_args, partial_restore=True
+          )
+        }
+      ),
+    )
+  return restored[STATE_ITEM]

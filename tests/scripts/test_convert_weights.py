@@ -106,7 +106,7 @@ def test_usage_errors_are_reported(nano_pth, nano_exported, tmp_path, capsys):
   cases = [
     (
       ['--input', str(tmp_path / 'missing.pth'), '--output', str(tmp_path / 'o')],
-      'no checkpoint file at',
+      'no weights at',
     ),
     (['--input', str(nano_pth), '--output', str(tmp_path / 'x.pth')], 'pass --to_pytorch'),
     (
@@ -123,7 +123,7 @@ def test_usage_errors_are_reported(nano_pth, nano_exported, tmp_path, capsys):
     ),
     (
       ['--input', str(tmp_path), '--output', str(tmp_path / 'o')],
-      'directory without a vcmamba_jax config.json',
+      'neither a training run',
     ),
   ]
   for argv, message in cases:

@@ -12,7 +12,7 @@ pytest.importorskip('libtpu')
 # e.g. scripts/aot_compile.py, may be running on this host).
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-from configs import vcmamba_s
+from vcmamba_jax.configs import vcmamba_s
 from vcmamba_jax.train import aot
 
 TOPOLOGY = 'v5e:2x2'  # 4 chips, one host

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from configs import vcmamba_s
+from vcmamba_jax.configs import vcmamba_s
 
 NUM_TRAIN_STEPS = 8
 
 
 def smoke_config(data_dir: str, **overrides) -> ConfigDict:
-  """`configs/vcmamba_s.py:smoke` on the fake ImageNet: vcmamba_nano at 32 px, global batch 32
+  """`vcmamba_jax/configs/vcmamba_s.py:smoke` on the fake ImageNet: vcmamba_nano at 32 px, global batch 32
   (4 per device on 8 devices), 8 steps, a metrics row per step, checkpoints at steps 4 and 8.
 
-  `overrides`: dotted config keys, e.g. `**{'debug.nan_at_step': 6}`.
+  `overrides`: dotted config keys, e.g. `**{'model.img_size': 64}`.
   """
   config = vcmamba_s.get_config('smoke')
   config.data.dataset = 'imagenet2012'

@@ -18,7 +18,7 @@ def test_benchmark_reports_every_measurement(imagenet_dir, tmp_path):
     [
       sys.executable,
       'scripts/benchmark.py',
-      '--config=configs/vcmamba_s.py:smoke',
+      '--config=vcmamba_jax/configs/vcmamba_s.py:smoke',
       '--config.data.dataset=imagenet2012',
       f'--config.data.data_dir={imagenet_dir}',
       '--config.model.num_classes=1000',

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-from configs import common
+from vcmamba_jax.configs import common
 
 CONFIGS = ('vcmamba_s', 'vcmamba_m', 'vcmamba_b', 'digits')
 
@@ -14,12 +14,12 @@ CONFIGS = ('vcmamba_s', 'vcmamba_m', 'vcmamba_b', 'digits')
 @pytest.mark.parametrize('name', CONFIGS)
 @pytest.mark.parametrize('arg', [None, 'smoke'])
 def test_configs_build_and_document_themselves(name, arg):
-  module = importlib.import_module(f'configs.{name}')
+  module = importlib.import_module(f'vcmamba_jax.configs.{name}')
   config = module.get_config(arg)
   config.lock()
   with pytest.raises(AttributeError):
     config.not_a_field = 1
-  assert f'python main.py --config=configs/{name}.py' in module.__doc__
+  assert f'python main.py --config=vcmamba_jax/configs/{name}.py' in module.__doc__
   assert 'Expected' in module.__doc__
 
 
@@ -27,7 +27,7 @@ def test_configs_build_and_document_themselves(name, arg):
   'name,paper_top1', [('vcmamba_s', '78.7'), ('vcmamba_m', '81.5'), ('vcmamba_b', '82.6')]
 )
 def test_paper_recipe(name, paper_top1):
-  module = importlib.import_module(f'configs.{name}')
+  module = importlib.import_module(f'vcmamba_jax.configs.{name}')
   assert paper_top1 in module.__doc__ and 'img/s' in module.__doc__
   config = module.get_config()
   assert config.model.name == name and config.model.img_size == 224
@@ -62,14 +62,14 @@ def test_paper_recipe(name, paper_top1):
 
 
 def test_smoke_is_tiny_and_unknown_args_fail():
-  config = importlib.import_module('configs.vcmamba_b').get_config('smoke')
+  config = importlib.import_module('vcmamba_jax.configs.vcmamba_b').get_config('smoke')
   assert config.model.name == 'vcmamba_nano' and config.num_train_steps > 0
   with pytest.raises(ValueError, match='unknown config argument'):
-    importlib.import_module('configs.vcmamba_b').get_config('smok')
+    importlib.import_module('vcmamba_jax.configs.vcmamba_b').get_config('smok')
   assert common.parse_arg('smoke', smoke=False).smoke
 
 
 def test_digits_schedule_follows_the_epoch_count():
-  config = importlib.import_module('configs.digits').get_config()
+  config = importlib.import_module('vcmamba_jax.configs.digits').get_config()
   config.num_epochs = 7
   assert config.schedule.decay_epochs == 7

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import vcmamba_jax
 from tests.hub_cache import add_to_hub_cache
+from tests.train.hooks import sigterm_after
 from tests.train.smoke import NUM_TRAIN_STEPS, smoke_config
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax import train
@@ -194,10 +194,7 @@ def test_teacher_is_not_in_the_optimizer_state_or_the_checkpoint(distilled_run):
 def test_distilled_run_resumes_with_identical_losses(distilled_run, imagenet_dir, tmp_path):
   config = smoke_config(imagenet_dir, **SMALL_TEACHER)
   workdir = str(tmp_path)
-  sigterm_after_3 = train.Hooks(
-    after_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM)
-  )
-  assert train.run(config, workdir, hooks=sigterm_after_3)['preempted']
+  assert train.run(config, workdir, hooks=sigterm_after(3))['preempted']
   assert not train.run(config, workdir).get('preempted')
   resumed, reference = _train_rows(workdir), _train_rows(distilled_run)
   assert sorted(resumed) == sorted(reference)

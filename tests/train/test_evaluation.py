@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits
 from vcmamba_jax import data
 from vcmamba_jax import sharding as sharding_lib
-from vcmamba_jax.train import steps, trainer
+from vcmamba_jax.configs import digits
+from vcmamba_jax.train import builders, steps, trainer
 
 
 def test_classification_sums_on_a_hand_built_batch():
@@ -70,13 +70,13 @@ def test_sharded_eval_over_a_padded_split_is_exact():
   config.eval_batch_size = 64  # 360 validation images: 5 full batches + 40 real rows + 24 padding
   mesh = sharding_lib.create_mesh()
   assert mesh.devices.size == 8
-  model = trainer.build_model(config)
+  model = builders.build_model(config)
   variables = jax.jit(
     lambda: model.init({'params': jax.random.PRNGKey(3)}, jnp.zeros((1, 32, 32, 3)))
   )()
   shardings = sharding_lib.state_shardings(mesh, variables)
-  eval_step = trainer.jit_eval_step(model, mesh, {'': shardings, 'ema': shardings})
-  dataset = trainer.make_eval_dataset(config)
+  eval_step = builders.jit_eval_step(model, mesh, {'': shardings, 'ema': shardings})
+  dataset = builders.make_eval_dataset(config)
   results = trainer.run_evaluation(eval_step, {'': variables, 'ema': variables}, dataset, mesh)
 
   # The same numbers on the host, one example at a time from the unpadded rows.

@@ -1,4 +1,4 @@
-"""configs/finetune.py on a generated image folder: official-style weights from the Hub path (a
+"""vcmamba_jax/configs/finetune.py on a generated image folder: official-style weights from the Hub path (a
 prepared offline cache), new heads, another resolution; trains, evaluates and resumes. And the
 errors of bad image folders."""
 
@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 import vcmamba_jax
-from configs import finetune
 from tests.hub_cache import add_to_hub_cache
 from tests.scripts import conftest as scripts_fixtures
 from tests.scripts.conftest import load_script
 from vcmamba_jax import train
+from vcmamba_jax.configs import finetune
 from vcmamba_jax.data import image_folder as image_folder_lib
 
 CLASSES = ('cat', 'dog', 'fish')

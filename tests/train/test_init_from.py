@@ -12,14 +12,14 @@ from tests.train.smoke import smoke_config
 from vcmamba_jax import checkpoint, convert
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax.models import resize_pos_embed
-from vcmamba_jax.train import optim, trainer
+from vcmamba_jax.train import builders, optim
 from vcmamba_jax.train import state as state_lib
 
 
 @pytest.fixture(scope='module')
 def trained(reference_run):
   """The reference run's final weights as numpy."""
-  return checkpoint.read_training_weights(checkpoint.find_training_checkpoint(reference_run))
+  return checkpoint.read_training_weights(reference_run)
 
 
 @pytest.fixture(scope='module')
@@ -46,11 +46,12 @@ def _assert_fitted(weights, trained):
 
 
 def test_from_our_checkpoint_with_ema(reference_run, trained, finetune_config):
-  model = trainer.build_model(finetune_config)
-  weights, source = trainer.load_weights(
+  model = builders.build_model(finetune_config)
+  weights, source = builders.load_weights(
     reference_run, model, finetune_config, with_ema=True, reinit_heads=True
   )
-  assert set(weights) == {'', 'ema'} and 'checkpoint' in source
+  assert set(weights) == {'', 'ema'} and 'checkpoint' in source.description
+  assert source.step == 8 and source.name == 'vcmamba_nano'
   _assert_fitted(weights[''], trained)
   _assert_fitted(weights['ema'], trained['ema'])
 
@@ -62,21 +63,21 @@ def test_from_an_exported_model_dir_and_a_pytorch_file(trained, finetune_config,
   )
   npz = tmp_path / 'weights.npz'
   np.savez(npz, **convert.to_pytorch_state_dict(variables, 'vcmamba_nano'))
-  model = trainer.build_model(finetune_config)
+  model = builders.build_model(finetune_config)
   for path in (exported, str(npz)):
-    weights, source = trainer.load_weights(path, model, finetune_config, reinit_heads=True)
-    assert set(weights) == {''} and 'pretrained' in source
+    weights, source = builders.load_weights(path, model, finetune_config, reinit_heads=True)
+    assert set(weights) == {''} and source.name == 'vcmamba_nano' and source.step is None
     _assert_fitted(weights[''], trained)
 
 
 def test_pretrained_weights_replace_the_initial_state(reference_run, finetune_config):
   mesh = sharding_lib.create_mesh()
-  model = trainer.build_model(finetune_config)
+  model = builders.build_model(finetune_config)
   tx = optim.create_optimizer(finetune_config, optim.learning_rate_schedule(finetune_config, 3))
   state, shardings = state_lib.create_train_state(
     model, tx, jax.random.PRNGKey(0), mesh=mesh, image_size=64, use_ema=True
   )
-  weights, _ = trainer.load_weights(reference_run, model, finetune_config, reinit_heads=True)
+  weights, _ = builders.load_weights(reference_run, model, finetune_config, reinit_heads=True)
   state = state_lib.with_pretrained(state, shardings, weights[''])
   for tree in (state.params, state.ema['params']):
     for new, expected in zip(jax.tree.leaves(tree), jax.tree.leaves(weights['']['params'])):
@@ -86,6 +87,6 @@ def test_pretrained_weights_replace_the_initial_state(reference_run, finetune_co
 
 
 def test_evaluating_with_another_class_count_is_an_error(reference_run, finetune_config):
-  model = trainer.build_model(finetune_config)
+  model = builders.build_model(finetune_config)
   with pytest.raises(convert.CheckpointError, match='head'):
-    trainer.load_weights(reference_run, model, finetune_config)
+    builders.load_weights(reference_run, model, finetune_config)

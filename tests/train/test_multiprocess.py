@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 
 _FLAGS = [
-  '--config=configs/digits.py:smoke',
+  '--config=vcmamba_jax/configs/digits.py:smoke',
   '--config.num_train_steps=6',
   '--config.log_every_steps=1',
   '--config.checkpoint_every_steps=100',

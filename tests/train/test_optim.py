@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import vcmamba_b
 from vcmamba_jax import create_model
+from vcmamba_jax.configs import vcmamba_b
 from vcmamba_jax.train import optim
 
 STEPS_PER_EPOCH = 10

@@ -185,7 +185,7 @@ def test_main_prints_a_config_mistake_in_one_line_and_exits_2(tmp_path):
     [
       sys.executable,
       'main.py',
-      '--config=configs/digits.py:smoke',
+      '--config=vcmamba_jax/configs/digits.py:smoke',
       f'--workdir={workdir}',
       '--config.checkpoint_every_steps=0',
       '--config.model.dtype=float16',
@@ -314,7 +314,7 @@ def _main_command(imagenet_dir: str, workdir: str) -> list[str]:
   return [
     sys.executable,
     'main.py',
-    '--config=configs/vcmamba_s.py:smoke',
+    '--config=vcmamba_jax/configs/vcmamba_s.py:smoke',
     f'--workdir={workdir}',
     '--config.data.dataset=imagenet2012',
     f'--config.data.data_dir={imagenet_dir}',

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from tests.train.smoke import smoke_config
 from vcmamba_jax import sharding as sharding_lib
-from vcmamba_jax.train import optim, trainer
+from vcmamba_jax.train import builders, optim
 from vcmamba_jax.train import state as state_lib
 
 GLOBAL_BATCH = 32
@@ -18,7 +18,7 @@ STEPS_PER_EPOCH = 3  # what the fake ImageNet of the trainer tests gives (same c
 
 def _setup(mesh, fsdp_min_size):
   config = smoke_config('unused')
-  model = trainer.build_model(config)
+  model = builders.build_model(config)
   schedule = optim.learning_rate_schedule(config, STEPS_PER_EPOCH)
   tx = optim.create_optimizer(config, schedule)
   state, shardings = state_lib.create_train_state(
@@ -110,7 +110,7 @@ def test_fsdp_min_size_keeps_small_arrays_replicated():
 
 def _one_step(mesh, fsdp_min_size):
   config, model, schedule, tx, state, shardings = _setup(mesh, fsdp_min_size)
-  step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings)
+  step = builders.jit_train_step(model, tx, schedule, config, mesh, shardings)
   state, metrics = step(state, sharding_lib.make_global_batch(mesh, _batch()), {})
   return jax.device_get((state, metrics))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.train.hooks import NanParameter, sigterm_after
 from tests.train.smoke import NUM_TRAIN_STEPS, smoke_config
 from vcmamba_jax import checkpoint, train
 from vcmamba_jax.train.metrics import read_metrics
@@ -64,10 +64,7 @@ def test_smoke_run_on_8_devices_learns(reference_run):
 def test_kill_and_resume_reproduces_the_uninterrupted_run(reference_run, imagenet_dir, tmp_path):
   config = smoke_config(imagenet_dir)
   workdir = str(tmp_path)
-  sigterm_after_3 = train.Hooks(
-    after_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM)
-  )
-  first = train.run(config, workdir, hooks=sigterm_after_3)  # saves step 3, returns
+  first = train.run(config, workdir, hooks=sigterm_after(3))  # saves step 3, returns
   assert first['preempted']
   assert checkpoint.create_manager(workdir, max_to_keep=3, read_only=True).latest_step() == 3
   assert max(_train_rows(workdir)) == 3
@@ -88,7 +85,7 @@ def test_eval_mode_on_a_checkpoint_from_the_command_line(reference_run, imagenet
     [
       sys.executable,
       'main.py',
-      '--config=configs/vcmamba_s.py:smoke',
+      '--config=vcmamba_jax/configs/vcmamba_s.py:smoke',
       f'--workdir={reference_run}',
       '--config.mode=eval',
       '--config.data.dataset=imagenet2012',
@@ -115,7 +112,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
     [
       sys.executable,
       'main.py',
-      '--config=configs/digits.py',
+      '--config=vcmamba_jax/configs/digits.py',
       f'--workdir={tmp_path}',
       '--config.optimizer.learning_rate=1.0',
     ],
@@ -131,28 +128,31 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(imagenet_dir, tmp_path):
-  # Metrics are checked every 4 steps here: the NaN of step 6 is found at step 8.
-  config = smoke_config(imagenet_dir, **{'debug.nan_at_step': 6, 'log_every_steps': 4})
+  # A NaN weight after step 5 makes the loss of step 6 NaN. Metrics are checked every 4 steps
+  # here: it is found at step 8.
+  config = smoke_config(imagenet_dir, log_every_steps=4)
   workdir = str(tmp_path)
   with pytest.raises(
     train.TrainingDivergedError, match=r'loss became nan between steps 5 and 8 \(first at step 6'
   ):
-    train.run(config, workdir)
+    train.run(config, workdir, hooks=train.Hooks(edit_state=NanParameter(after=5)))
   manager = checkpoint.create_manager(workdir, max_to_keep=3, read_only=True)
   assert manager.all_steps() == [4]  # step 8 (after the NaN) was never written
-  weights = checkpoint.read_training_weights(os.path.join(workdir, 'checkpoints', '4', 'state'))
+  weights = checkpoint.read_training_weights(os.path.join(workdir, 'checkpoints', '4'))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(weights))
   assert max(_train_rows(workdir)) == 4  # nothing logged for the bad interval
 
 
 def test_skip_nonfinite_updates_continues(imagenet_dir, tmp_path):
-  config = smoke_config(imagenet_dir, **{'debug.nan_at_step': 6, 'skip_nonfinite_updates': True})
+  config = smoke_config(imagenet_dir, skip_nonfinite_updates=True)
   workdir = str(tmp_path)
-  result = train.run(config, workdir)
+  fault = NanParameter(after=5, restore_after=6)  # a transient fault: step 6 alone sees it
+  result = train.run(config, workdir, hooks=train.Hooks(edit_state=fault))
   rows = _train_rows(workdir)
   assert max(rows) == NUM_TRAIN_STEPS
   assert rows[5]['train/skipped_updates'] == 0
   assert rows[6]['train/skipped_updates'] == 1 and rows[6]['train/loss'] == 'nan'
-  assert rows[6]['train/param_norm'] == rows[5]['train/param_norm']  # the update was not applied
+  assert fault.state_unchanged_while_poisoned  # the update of step 6 was not applied
+  assert rows[7]['train/skipped_updates'] == 1 and math.isfinite(rows[7]['train/loss'])
   assert rows[8]['train/skipped_updates'] == 1 and math.isfinite(rows[8]['train/loss'])
   assert math.isfinite(result['eval/top1'])

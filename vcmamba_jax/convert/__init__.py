@@ -1,17 +1,26 @@
-"""Weights: PyTorch checkpoints <-> Flax variables, save_pretrained folders, Hugging Face Hub paths."""
+"""Weights in and out: one loader for every source (`load_pretrained`, `read_weights`: training
+checkpoints, save_pretrained folders, PyTorch files, Hugging Face Hub paths), PyTorch checkpoints
+<-> Flax variables, save_pretrained folders."""
 
-from vcmamba_jax.convert import pytorch as _pytorch
-from vcmamba_jax.convert import regnet as _regnet
 from vcmamba_jax.convert.hub import HubError, HubPath, is_hub_path, parse_hub_path
 from vcmamba_jax.convert.hub import resolve as resolve_hub_path
+from vcmamba_jax.convert.loader import (
+  READERS,
+  Weights,
+  load_pretrained,
+  load_pytorch_weights,
+  read_weights,
+  source_kind,
+)
 from vcmamba_jax.convert.pretrained import (
   adapt_variables,
   is_exported_model,
-  load_pretrained,
+  read_exported,
   save_pretrained,
 )
 from vcmamba_jax.convert.pytorch import (
   CheckpointError,
+  checkpoint_geometry,
   guess_variant,
   read_state_dict,
   state_dict_to_variables,
@@ -19,33 +28,26 @@ from vcmamba_jax.convert.pytorch import (
   torch_key,
 )
 
-
-def load_pytorch_weights(path, name: str, **create_kwargs):
-  """(model, variables) from a PyTorch checkpoint of model ``name``: a VCMamba variant (the
-  authors' weights; see ``convert.pytorch.load_pytorch_weights``) or a RegNet of timm's registry
-  such as the DeiT teacher 'regnety_160' (``convert.regnet.load_pytorch_weights``).
-  ``path`` may be a Hub path, e.g. 'hf-hub:timm/regnety_160.deit_in1k' (see ``convert.hub``)."""
-  if is_hub_path(path):
-    path = resolve_hub_path(path)
-  if name in _regnet.regnet_lib.VARIANTS:
-    return _regnet.load_pytorch_weights(path, name, **create_kwargs)
-  return _pytorch.load_pytorch_weights(path, name, **create_kwargs)
-
-
 __all__ = [
+  'READERS',
   'CheckpointError',
   'HubError',
   'HubPath',
+  'Weights',
   'adapt_variables',
+  'checkpoint_geometry',
   'guess_variant',
   'is_exported_model',
   'is_hub_path',
   'load_pretrained',
   'load_pytorch_weights',
   'parse_hub_path',
+  'read_exported',
   'read_state_dict',
+  'read_weights',
   'resolve_hub_path',
   'save_pretrained',
+  'source_kind',
   'state_dict_to_variables',
   'to_pytorch_state_dict',
   'torch_key',

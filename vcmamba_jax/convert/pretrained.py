@@ -1,5 +1,5 @@
-"""Exported model folders (save_pretrained) and loading pretrained weights into a model of another
-geometry.
+"""Exported model folders (save_pretrained), and fitting pretrained weights to a model of another
+geometry (the loader itself, for every kind of source, is `convert/loader.py`).
 
 A folder written by ``save_pretrained`` (and ``scripts/convert_weights.py``) is ready to upload to
 the Hugging Face Hub as it is (``hf upload USER/REPO DIR``) and loads back from there with
@@ -23,9 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import safetensors.numpy
 from flax import traverse_util
 
-from vcmamba_jax import checkpoint as checkpoint_lib
 from vcmamba_jax.convert import hub as hub_lib
 from vcmamba_jax.convert import pytorch as pytorch_lib
 from vcmamba_jax.models import vcmamba as vcmamba_lib
@@ -135,8 +136,6 @@ def save_pretrained(
   Returns:
     The absolute directory.
   """
-  from safetensors.numpy import save_file
-
   directory = os.path.abspath(os.fspath(directory))
   model = vcmamba_lib.create_model(name, **model_kwargs)
   state = pytorch_lib.to_pytorch_state_dict(variables, include_num_batches_tracked=False)
@@ -161,7 +160,7 @@ def save_pretrained(
   }
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
   files = {
-    WEIGHTS_FILE: lambda p: save_file(tensors, p, metadata={'format': 'pt'}),
+    WEIGHTS_FILE: lambda p: safetensors.numpy.save_file(tensors, p, metadata={'format': 'pt'}),
     CONFIG_JSON: lambda p: _write_text(p, json.dumps(config, indent=2) + '\n'),
     MODEL_CARD: lambda p: _write_text(
       p, _model_card(name, kwargs, num_params, repo_id, description)
@@ -207,7 +206,8 @@ def read_exported_config(directory: str) -> tuple[str, dict[str, Any]]:
   return name, dict(kwargs)
 
 
-def _read_exported(directory: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def read_exported(directory: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+  """(variant, create_model kwargs, variables) of a save_pretrained folder (either format)."""
   name, kwargs = read_exported_config(directory)
   if hub_lib.is_vcmamba_config(os.path.join(directory, CONFIG_JSON)):
     weights = os.path.join(directory, WEIGHTS_FILE)
@@ -249,8 +249,6 @@ def _unreadable_file(variables_dir: str, error: Exception) -> str:
 
 
 def _read_orbax_format(directory: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-  import orbax.checkpoint as ocp
-
   with open(os.path.join(directory, MODEL_JSON)) as f:
     meta = json.load(f)
   unknown = set(meta.get('model_kwargs', {})) - set(_JSON_KWARGS)
@@ -268,29 +266,6 @@ def _read_orbax_format(directory: str) -> tuple[str, dict[str, Any], dict[str, A
     ) from None
   variables = {c: jax.tree.map(jnp.asarray, tree[c]) for c in ('params', 'batch_stats')}
   return meta['name'], dict(meta['model_kwargs']), variables
-
-
-def _read_training_run(state_dir: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-  """(variant, kwargs, variables) of one of our training checkpoints: the model from the run's
-  config.json (written by the trainer into the workdir), the raw (not EMA) weights."""
-  workdir = os.path.dirname(os.path.dirname(os.path.dirname(state_dir)))
-  config_path = os.path.join(workdir, CONFIG_JSON)
-  try:
-    with open(config_path) as f:
-      model_config = json.load(f)['model']
-    name = model_config['name']
-    kwargs = {
-      'num_classes': int(model_config['num_classes']),
-      'img_size': int(model_config['img_size']),
-    }
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise pytorch_lib.CheckpointError(
-      f"{state_dir} is a training checkpoint, but {config_path} (the run's config, which names "
-      f'the model) is missing or unreadable ({e}); pass the workdir that holds both'
-    ) from e
-  tree = checkpoint_lib.read_training_weights(state_dir)
-  variables = {c: jax.tree.map(jnp.asarray, tree[c]) for c in ('params', 'batch_stats')}
-  return name, kwargs, variables
 
 
 def _fresh_heads(init, collection: str, src: dict, dst: dict) -> dict[tuple[str, ...], Any]:
@@ -370,63 +345,3 @@ def adapt_variables(
       flat[path] = jnp.asarray(value, jnp.float32)
     out[collection] = traverse_util.unflatten_dict(flat)
   return out, reinitialised
-
-
-def load_pretrained(
-  path: str | os.PathLike, name: str | None = None, *, reinit_heads: bool = False, **overrides
-):
-  """Loads a save_pretrained folder, a PyTorch-format file (.pth/.npz/.safetensors), either from
-  the Hugging Face Hub, or a training run of ours (workdir, checkpoints dir or step dir: the
-  latest checkpoint's raw weights, the model from the run's config.json).
-
-  Args:
-    path: the folder or file, or a Hub path: 'hf-hub:owner/name/file[@revision]' (a file in a
-      repository, e.g. 'hf-hub:SLDGroup/VCMamba/VCMamba-B.pth') or 'hf-hub:owner/name[@revision]'
-      (an uploaded save_pretrained folder). Hub files are cached by huggingface_hub
-      (HF_HUB_CACHE); with HF_HUB_OFFLINE=1 only the cache is read.
-    name: the variant; for PyTorch files it is detected from the tensors when omitted, for
-      exported directories it is read from model.json (and checked when given).
-    reinit_heads: re-initialise the heads when ``num_classes`` differs from the checkpoint.
-    **overrides: ``create_model`` options, e.g. ``img_size=256`` (pos_embed is resized),
-      ``num_classes=10`` (with reinit_heads), ``dtype=jnp.bfloat16``, ``drop_path_rate``.
-
-  Returns:
-    (model, variables).
-  """
-  path = os.fspath(path)
-  if hub_lib.is_hub_path(path):
-    path = hub_lib.resolve(path)
-  state_dir = None
-  if os.path.isdir(path) and not is_exported_model(path):
-    state_dir = checkpoint_lib.find_training_checkpoint(path)
-  if state_dir is not None:
-    stored_name, kwargs, variables = _read_training_run(state_dir)
-    if name is not None and name != stored_name:
-      raise pytorch_lib.CheckpointError(f'{path} holds a {stored_name} model, not {name}')
-    name = stored_name
-  elif os.path.isdir(path):
-    if not is_exported_model(path):
-      raise pytorch_lib.CheckpointError(
-        f'{path} is a directory without a vcmamba_jax {CONFIG_JSON} or a training checkpoint: '
-        'expected a save_pretrained folder (scripts/convert_weights.py), a training workdir or '
-        'a PyTorch file'
-      )
-    stored_name, kwargs, variables = _read_exported(path)
-    if name is not None and name != stored_name:
-      raise pytorch_lib.CheckpointError(f'{path} holds a {stored_name} model, not {name}')
-    name = stored_name
-  else:
-    state = pytorch_lib.read_state_dict(path)
-    if name is None:
-      name = pytorch_lib.guess_variant(state)
-      if name is None:
-        raise pytorch_lib.CheckpointError(
-          f'{path}: could not recognise the VCMamba variant; pass name=...'
-        )
-    kwargs = pytorch_lib._checkpoint_geometry(state)
-    model = vcmamba_lib.create_model(name, **kwargs)
-    variables = pytorch_lib.state_dict_to_variables(state, model, source=path)
-  kwargs.update(overrides)
-  model = vcmamba_lib.create_model(name, **kwargs)
-  variables, _ = adapt_variables(variables, model, reinit_heads=reinit_heads)
-  return model, variables

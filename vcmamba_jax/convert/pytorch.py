@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import traverse_util
 
 from vcmamba_jax.models import vcmamba as vcmamba_lib
@@ -181,12 +183,9 @@ def _read_file(path: str) -> Mapping[str, Any]:
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
       raise CheckpointError(f'could not read {path} as .npz ({e}); is it corrupt?') from e
   if suffix == '.safetensors':
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     try:
-      return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
+      return safetensors.numpy.load_file(path)
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
       raise CheckpointError(f'could not read {path} as safetensors ({e}); is it corrupt?') from e
   raise CheckpointError(
     f'unsupported checkpoint format {suffix!r} for {path}: expected .pth/.pt, .npz or .safetensors'
@@ -293,7 +292,7 @@ def guess_variant(state: Mapping[str, Any]) -> str | None:
   return None
 
 
-def _checkpoint_geometry(state: Mapping[str, np.ndarray]) -> dict[str, int]:
+def checkpoint_geometry(state: Mapping[str, np.ndarray]) -> dict[str, int]:
   """img_size and num_classes implied by a checkpoint (pos_embed grid, head width)."""
   out = {}
   if 'pos_embed' in state and np.ndim(state['pos_embed']) == 4:
@@ -387,7 +386,7 @@ def load_pytorch_weights(path: str | os.PathLike, name: str, **create_kwargs):
     (model, variables) with ``variables = {'params': ..., 'batch_stats': ...}``.
   """
   state = read_state_dict(path)
-  for key, value in _checkpoint_geometry(state).items():
+  for key, value in checkpoint_geometry(state).items():
     create_kwargs.setdefault(key, value)
   model = vcmamba_lib.create_model(name, **create_kwargs)
   return model, state_dict_to_variables(state, model, source=os.fspath(path))

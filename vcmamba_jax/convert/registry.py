@@ -15,7 +15,6 @@ from typing import Any
 from absl import logging
 
 from vcmamba_jax import convert, models
-from vcmamba_jax.convert import pretrained as pretrained_lib
 
 # ImageNet-1k checkpoints (224 px, 1000 classes): the authors' VCMambas and DeiT's RegNetY-160
 # teacher as timm publishes it.
@@ -62,9 +61,7 @@ def create_model(name: str, *, pretrained: bool | str | os.PathLike = False, **k
   if not pretrained:
     return models.create_model(name, **kwargs)
   source = pretrained_weights(name) if pretrained is True else os.fspath(pretrained)
-  if name in models.regnet.VARIANTS:
-    model, variables = convert.load_pytorch_weights(source, name, **kwargs)
-  else:
-    model, variables = pretrained_lib.load_pretrained(source, name, reinit_heads=True, **kwargs)
+  reinit_heads = name not in models.regnet.VARIANTS  # RegNets load strictly, as they are
+  model, variables = convert.load_pretrained(source, name, reinit_heads=reinit_heads, **kwargs)
   logging.info('%s: weights from %s', name, source)
   return model, variables

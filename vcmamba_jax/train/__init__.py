@@ -4,7 +4,6 @@ from vcmamba_jax.train.hooks import Hooks
 from vcmamba_jax.train.trainer import (
   TrainingDivergedError,
   evaluate,
-  initialize_distributed,
   run,
   train_and_evaluate,
 )
@@ -13,7 +12,6 @@ __all__ = [
   'Hooks',
   'TrainingDivergedError',
   'evaluate',
-  'initialize_distributed',
   'run',
   'train_and_evaluate',
 ]

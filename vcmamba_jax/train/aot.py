@@ -31,7 +31,7 @@ from ml_collections import ConfigDict
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax.models import regnet
 from vcmamba_jax.models import scan as scan_lib
-from vcmamba_jax.train import distillation, optim, steps, trainer
+from vcmamba_jax.train import builders, distillation, optim, steps
 from vcmamba_jax.train import state as state_lib
 
 GiB = 2**30
@@ -136,7 +136,7 @@ def resolve_scan_impl(config: ConfigDict) -> str:
 def _batch_structs(mesh, batch: int, image_size: int, eval_batch: bool) -> dict[str, Any]:
   sharding = sharding_lib.batch_sharding(mesh)
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-  keys = trainer.EVAL_KEYS if eval_batch else trainer.TRAIN_KEYS
+  keys = builders.EVAL_KEYS if eval_batch else builders.TRAIN_KEYS
   dtypes = {
     'image': ((batch, image_size, image_size, 3), jnp.uint8),
     'label': ((batch,), jnp.int32),
@@ -225,7 +225,7 @@ def compile_for_topology(
   """Compiles `config`'s train (and eval) step for the TPU slice `topology`; returns a report.
 
   Args:
-    config: a training config (configs/*.py); its mesh, model, optimizer and augmentation are
+    config: a training config (vcmamba_jax/configs/*.py); its mesh, model, optimizer and augmentation are
       used as `main.py` would use them. `config.model.scan_impl='auto'` means the TPU's choice.
     topology: e.g. 'v5e:16x16' (see `parse_topology`).
     per_chip_batch: overrides config.global_batch_size (and eval_batch_size) with this many
@@ -259,7 +259,7 @@ def compile_for_topology(
 
   # As train_and_evaluate: model, optimizer and the sharded state, from shapes only.
   steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // config.global_batch_size)
-  model = trainer.build_model(config)
+  model = builders.build_model(config)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
   tx = optim.create_optimizer(config, schedule)
   init = state_lib.make_initializer(
@@ -290,7 +290,7 @@ def compile_for_topology(
 
   teacher = _abstract_teacher(config, mesh)
   report['distillation'] = distillation.distillation_type(config)
-  train_step = trainer.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher)
+  train_step = builders.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher)
   batch = _batch_structs(mesh, config.global_batch_size, config.model.img_size, False)
   teacher_args = teacher.variables if teacher else {}
   report['train'], compiled = _compile(train_step, (state_structs, batch, teacher_args), chip)
@@ -313,7 +313,7 @@ def compile_for_topology(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       steps.init_eval_sums(list(eval_shardings)),
     )
-    eval_step = trainer.jit_eval_step(model, mesh, eval_shardings)
+    eval_step = builders.jit_eval_step(model, mesh, eval_shardings)
     eval_batch = _batch_structs(mesh, config.eval_batch_size, config.model.img_size, True)
     report['eval'], _ = _compile(eval_step, (weights, eval_batch, sums), chip)
     report['fits'] = report['fits'] and report['eval']['fits']

@@ -26,7 +26,7 @@ from ml_collections import ConfigDict
 
 from vcmamba_jax import data as data_lib
 from vcmamba_jax import sharding as sharding_lib
-from vcmamba_jax.train import distillation, optim, steps, trainer
+from vcmamba_jax.train import builders, distillation, steps
 from vcmamba_jax.train import state as state_lib
 
 # Dense peak TFLOP/s per device: (bf16, fp32 as the device runs it by default).
@@ -118,18 +118,10 @@ def setup(config: ConfigDict, steps_per_epoch: int = 1000) -> dict[str, Any]:
   The train step is called as `train_step(state, batch, teacher_variables)`.
   """
   mesh = sharding_lib.create_mesh(config.mesh.fsdp)
-  model = trainer.build_model(config)
-  schedule = optim.learning_rate_schedule(config, steps_per_epoch)
-  tx = optim.create_optimizer(config, schedule)
-  state, shardings = state_lib.create_train_state(
-    model,
-    tx,
-    jax.random.PRNGKey(config.seed),
-    mesh=mesh,
-    image_size=config.model.img_size,
-    use_ema=config.ema_decay > 0,
-    fsdp_min_size=config.mesh.fsdp_min_size,
-  )
+  model = builders.build_model(config)
+  schedule, tx = builders.build_optimizer(config, steps_per_epoch)
+  init, _, shardings = builders.abstract_train_state(config, model, tx, mesh)
+  state = state_lib.init_sharded(init, jax.random.PRNGKey(config.seed), shardings)
   teacher = distillation.load_teacher(config, mesh)
   return {
     'mesh': mesh,
@@ -138,8 +130,8 @@ def setup(config: ConfigDict, steps_per_epoch: int = 1000) -> dict[str, Any]:
     'shardings': shardings,
     'teacher': teacher,
     'teacher_variables': teacher.variables if teacher else {},
-    'train_step': trainer.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher),
-    'eval_step': trainer.jit_eval_step(
+    'train_step': builders.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher),
+    'eval_step': builders.jit_eval_step(
       model, mesh, {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
     ),
     'eval_sums': jax.device_put(steps.init_eval_sums(['']), sharding_lib.replicated(mesh)),
@@ -157,10 +149,8 @@ def benchmark(
   device_kind = jax.devices()[0].device_kind
   peak = peak or peak_tflops(device_kind, config.model.dtype)
   try:
-    source = data_lib.get_source(config.data.dataset, config.data.train_split, config.data.data_dir)
-    steps_per_epoch = data_lib.train_steps_per_epoch(
-      len(source), config.global_batch_size, config.data.repeated_aug
-    )
+    source = builders.train_source(config)
+    steps_per_epoch = builders.steps_per_epoch(config, len(source))
   except (FileNotFoundError, ValueError) as e:  # no dataset here: synthetic measurements only
     source, data_error, steps_per_epoch = None, str(e).splitlines()[0], 1000
   built = setup(config, steps_per_epoch)
@@ -232,7 +222,7 @@ def benchmark(
       if mode in modes:
         results[mode] = {'skipped': data_error}
   elif 'train_real' in modes or 'pipeline' in modes:
-    iterator = iter(trainer.make_train_dataset(config, source))
+    iterator = iter(builders.make_train_dataset(config, source))
     try:
       if 'pipeline' in modes:
         throughput = data_lib.measure_throughput(iterator, num_steps, warmup_batches=warmup)
@@ -246,7 +236,7 @@ def benchmark(
         def run_real():
           host_batch = next(iterator)
           global_batch = sharding_lib.make_global_batch(
-            mesh, {k: host_batch[k] for k in trainer.TRAIN_KEYS}
+            mesh, {k: host_batch[k] for k in builders.TRAIN_KEYS}
           )
           holder['state'], metrics = compiled_train(
             holder['state'], global_batch, teacher_variables

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,10 +18,14 @@ class Hooks:
   Attributes:
     after_step: `fn(step)` in the training thread after step `step` was dispatched (e.g. send a
       signal to the process at a chosen step).
+    edit_state: `fn(step, state) -> state or None` right after `after_step`: what it returns
+      replaces the TrainState (keeping its shardings), e.g. a NaN put into a weight; None leaves
+      the state as it is.
     storage: `fn(step, step_dir)` in the background checkpoint thread after the files of `step`
       are written to `step_dir` and before the step is committed: slow storage (sleep) or a
       failing one (raise OSError) for tests of saves in flight.
   """
 
   after_step: Callable[[int], None] | None = None
+  edit_state: Callable[[int, Any], Any] | None = None
   storage: Callable[[int, str], None] | None = None

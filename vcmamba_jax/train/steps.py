@@ -136,7 +136,6 @@ def make_train_step(
   so a resumed run repeats it exactly.
   """
   ema_decay = config.ema_decay
-  nan_at_step = config.debug.nan_at_step
   dist_head_weight = config.loss.dist_head_weight
   kind = distillation.distillation_type(config)
   if (kind != 'none') != (teacher is not None):
@@ -172,8 +171,6 @@ def make_train_step(
           alpha=config.distillation.alpha,
           tau=config.distillation.tau,
         )
-      if nan_at_step > 0:  # fault injection (tests): a NaN loss and NaN gradients at that step
-        loss = loss * jnp.where(state.step + 1 == nan_at_step, jnp.nan, 1.0)
       return loss, updates['batch_stats']
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -2,7 +2,10 @@
 
 Data flows one way: config -> mesh -> input pipeline -> sharded state -> jitted steps ->
 metrics and checkpoints. Rerunning the same command with the same workdir resumes from the
-latest checkpoint, with the same data order and randomness as an uninterrupted run.
+latest checkpoint, with the same data order and randomness as an uninterrupted run. The
+builders of each stage live in `vcmamba_jax.train.builders` (shared with the benchmark, AOT
+compilation and the other programs) and the multi-host set-up in `vcmamba_jax.distributed`;
+this module holds only the loop and evaluation.
 """
 
 from __future__ import annotations
@@ -13,10 +16,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
@@ -24,18 +25,15 @@ from ml_collections import ConfigDict
 
 from vcmamba_jax import checkpoint as checkpoint_lib
 from vcmamba_jax import data as data_lib
+from vcmamba_jax import distributed
 from vcmamba_jax import sharding as sharding_lib
-from vcmamba_jax.data import image_folder as image_folder_lib
-from vcmamba_jax.models import create_model
-from vcmamba_jax.train import distillation, optim, steps
+from vcmamba_jax.train import builders, distillation, steps
 from vcmamba_jax.train import metrics as metrics_lib
 from vcmamba_jax.train import state as state_lib
 from vcmamba_jax.train import validate as validate_lib
 from vcmamba_jax.train import workdir as workdir_lib
 from vcmamba_jax.train.hooks import Hooks
 
-TRAIN_KEYS = ('image', 'label', 'num_skipped')
-EVAL_KEYS = ('image', 'label', 'mask', 'num_skipped')
 EVAL_PROGRESS_SECONDS = 30.0
 
 
@@ -50,208 +48,14 @@ def run(config: ConfigDict, workdir: str, hooks: Hooks | None = None) -> dict[st
   callbacks for tests (see `Hooks`).
   """
   validate_lib.validate_config(config)
-  initialize_distributed(config.distributed)
+  distributed.initialize(config.distributed)
   metrics_lib.quiet_library_logs()
-  enable_compilation_cache(config.get('compilation_cache_dir', 'auto'), workdir)
+  builders.enable_compilation_cache(config.get('compilation_cache_dir', 'auto'), workdir)
   if config.mode == 'train':
     return train_and_evaluate(config, workdir, hooks=hooks)
   if config.mode == 'eval':
     return evaluate(config, workdir)
   raise ValueError(f"config.mode must be 'train' or 'eval', got {config.mode!r}")
-
-
-def enable_compilation_cache(setting: str, workdir: str | None) -> str | None:
-  """Turns on JAX's persistent compilation cache; returns its directory (None: off).
-
-  `setting`: 'auto' = $JAX_COMPILATION_CACHE_DIR if set, else `<workdir>/xla_cache` (so a resumed
-  run or a rerun of the same command skips the minutes-long GPU compile of the train step);
-  '' or 'off' = leave JAX's setting alone; any other value = that directory.
-  """
-  if setting in ('', 'off'):
-    return None
-  if setting == 'auto':
-    path = os.environ.get('JAX_COMPILATION_CACHE_DIR') or (
-      os.path.join(workdir, 'xla_cache') if workdir else None
-    )
-  else:
-    path = setting
-  if path:
-    jax.config.update('jax_compilation_cache_dir', path)
-  return path
-
-
-# ------------------------------------------------------------------------------------------------
-# Multi-host set-up.
-# ------------------------------------------------------------------------------------------------
-
-
-def _multi_process_environment() -> bool:
-  """Whether the environment describes a job of several processes (see config.distributed)."""
-  env = os.environ
-  if env.get('JAX_COORDINATOR_ADDRESS'):
-    return True
-  for count_var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
-    if int(env.get(count_var, '1') or 1) > 1:
-      return True
-  hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES') or ''
-  return len([h for h in hosts.split(',') if h]) > 1
-
-
-def initialize_distributed(mode: str = 'auto') -> bool:
-  """Calls `jax.distributed.initialize()` for multi-process jobs; a no-op on a single host.
-
-  The coordinator and process ids come from the cluster (SLURM, Open MPI, Cloud TPU, ...) or
-  from JAX_COORDINATOR_ADDRESS (host:port of process 0) + JAX_NUM_PROCESSES + JAX_PROCESS_ID.
-
-  Args:
-    mode: 'auto' (initialise when `_multi_process_environment()`), 'on' or 'off'.
-
-  Returns:
-    Whether JAX runs distributed.
-  """
-  if mode not in ('auto', 'on', 'off'):
-    raise ValueError(f"config.distributed must be 'auto', 'on' or 'off', got {mode!r}")
-  if jax.distributed.is_initialized():
-    return True
-  if mode == 'off' or (mode == 'auto' and not _multi_process_environment()):
-    return False
-  env = os.environ
-  if env.get('JAX_NUM_PROCESSES') and env.get('JAX_PROCESS_ID'):  # explicit, e.g. hand-launched
-    jax.distributed.initialize(
-      num_processes=int(env['JAX_NUM_PROCESSES']), process_id=int(env['JAX_PROCESS_ID'])
-    )
-  else:  # cluster auto-detection: SLURM, Open MPI, Cloud TPU, Kubernetes
-    jax.distributed.initialize()
-  logging.info('jax.distributed: process %d of %d', jax.process_index(), jax.process_count())
-  return True
-
-
-# ------------------------------------------------------------------------------------------------
-# Building blocks shared by training, evaluation and the benchmark.
-# ------------------------------------------------------------------------------------------------
-
-
-def model_kwargs(config: ConfigDict) -> dict[str, Any]:
-  """`create_model` options from `config.model` (everything but the name)."""
-  m = config.model
-  return {
-    'num_classes': m.num_classes,
-    'img_size': m.img_size,
-    'drop_path_rate': m.drop_path_rate,
-    'dtype': jnp.dtype(m.dtype),
-    'scan_impl': m.scan_impl,
-    'remat_scan': m.remat_scan,
-    'depthwise_impl': m.get('depthwise_impl', 'auto'),
-  }
-
-
-def build_model(config: ConfigDict) -> nn.Module:
-  return create_model(config.model.name, **model_kwargs(config))
-
-
-def _image_folder(config: ConfigDict) -> image_folder_lib.ImageFolder | None:
-  d = config.data
-  if not d.get('image_folder'):
-    return None
-  return image_folder_lib.open_image_folder(
-    d.image_folder, val_fraction=d.get('val_fraction', 0.1), split_seed=d.get('split_seed', 0)
-  )
-
-
-def open_source(config: ConfigDict, split: str) -> Any:
-  """The records of `split`: `config.data.image_folder` when set (a folder of class
-  subfolders, configs/finetune.py), else the TFDS dataset `config.data.dataset`."""
-  folder = _image_folder(config)
-  if folder is not None:
-    return folder.source(split)
-  return data_lib.get_source(config.data.dataset, split, config.data.data_dir)
-
-
-def check_num_classes(config: ConfigDict) -> None:
-  """Checks config.model.num_classes against the data; 0 (or less) takes the data's."""
-  folder = _image_folder(config)
-  if folder is not None:
-    num_classes, what = folder.num_classes, f'image folder {folder.root}'
-  else:
-    num_classes = data_lib.get_num_classes(config.data.dataset, config.data.data_dir)
-    what = config.data.dataset
-  if config.model.num_classes <= 0:
-    config.model.num_classes = num_classes
-  elif num_classes != config.model.num_classes:
-    raise ValueError(
-      f'config.model.num_classes={config.model.num_classes} but {what} has '
-      f"{num_classes} classes; pass --config.model.num_classes={num_classes} (or 0: the data's)."
-    )
-
-
-def make_train_dataset(config: ConfigDict, source: Any) -> grain.IterDataset:
-  d = config.data
-  transform = data_lib.TrainTransform(
-    config.model.img_size,
-    scale=tuple(d.rrc_scale),
-    hflip_prob=d.hflip_prob,
-    randaugment=d.randaugment or None,
-    interpolation=d.interpolation,
-  )
-  return data_lib.create_train_dataset(
-    source=source,
-    global_batch_size=config.global_batch_size,
-    image_size=config.model.img_size,
-    seed=config.seed,
-    repeated_aug=d.repeated_aug,
-    num_workers=d.num_workers,
-    num_threads=d.num_threads,
-    prefetch_batches=d.prefetch_batches,
-    transform=transform,
-  )
-
-
-def make_eval_dataset(config: ConfigDict) -> grain.IterDataset:
-  d = config.data
-  return data_lib.create_eval_dataset(
-    source=open_source(config, d.eval_split),
-    global_batch_size=config.eval_batch_size,
-    image_size=config.model.img_size,
-    crop_pct=d.eval_crop_pct,
-    num_workers=d.num_workers,
-    num_threads=d.num_threads,
-  )
-
-
-def jit_train_step(
-  model: nn.Module,
-  tx,
-  schedule: optim.Schedule,
-  config: ConfigDict,
-  mesh: Mesh,
-  shardings: state_lib.TrainState,
-  teacher: distillation.Teacher | None = None,
-):
-  """`train_step(state, batch, teacher_variables) -> (state, metrics)` with explicit shardings,
-  state donated; `teacher_variables` is `teacher.variables` (`{}` without a teacher)."""
-  return jax.jit(
-    sharding_lib.traced_under_mesh(
-      steps.make_train_step(model, tx, schedule, config, teacher.model if teacher else None), mesh
-    ),
-    in_shardings=(
-      shardings,
-      sharding_lib.batch_sharding(mesh),
-      teacher.shardings if teacher else {},
-    ),
-    out_shardings=(shardings, sharding_lib.replicated(mesh)),
-    donate_argnums=(0,),
-  )
-
-
-def jit_eval_step(model: nn.Module, mesh: Mesh, weight_shardings: Mapping[str, Any]):
-  """`eval_step(weights, batch, sums) -> sums` with explicit shardings (sums donated)."""
-  replicated = sharding_lib.replicated(mesh)
-  return jax.jit(
-    sharding_lib.traced_under_mesh(steps.make_eval_step(model), mesh),
-    in_shardings=(weight_shardings, sharding_lib.batch_sharding(mesh), replicated),
-    out_shardings=replicated,
-    donate_argnums=(2,),
-  )
 
 
 def run_evaluation(
@@ -274,7 +78,7 @@ def run_evaluation(
   done = 0
   try:
     for batch in iterator:
-      batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in EVAL_KEYS})
+      batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in builders.EVAL_KEYS})
       if done == 0 and announce_compile:
         logging.info('Compiling the eval step (the first eval batch)...')
       sums = eval_step(weights, batch, sums)
@@ -297,79 +101,15 @@ def run_evaluation(
   return results
 
 
-def load_weights(
-  path: str,
-  model: nn.Module,
-  config: ConfigDict,
-  *,
-  with_ema: bool = False,
-  reinit_heads: bool = False,
-) -> tuple[dict[str, Any], str]:
-  """Weights from one of our checkpoints, an exported model dir or a PyTorch file, fitted to
-  `model`: pos_embed resized to its resolution and, with `reinit_heads` (fine-tuning), heads
-  re-initialised where num_classes differs (otherwise that is an error).
-
-  Returns:
-    ({'': {'params', 'batch_stats'}, 'ema': ... (our checkpoints with an EMA, if with_ema)},
-     a description of the source for logs).
-  """
-  from vcmamba_jax import convert
-
-  state_dir = checkpoint_lib.find_training_checkpoint(path)
-  if state_dir is None:
-    _, variables = convert.load_pretrained(
-      path, config.model.name, reinit_heads=reinit_heads, **model_kwargs(config)
-    )
-    return {'': variables}, f'pretrained weights {path}'
-  step_dir = os.path.dirname(state_dir)
-  problem = checkpoint_lib.verify_step(step_dir) if checkpoint_lib.has_manifest(step_dir) else None
-  if problem is not None:
-    raise checkpoint_lib.CheckpointDamagedError(
-      f'checkpoint {step_dir} is damaged: {problem}. Pass an intact step directory instead, '
-      f'e.g. --config.eval_from={os.path.dirname(step_dir)}/<step>'
-    )
-  tree = checkpoint_lib.read_training_weights(state_dir)
-  sets = {'': {'params': tree['params'], 'batch_stats': tree['batch_stats']}}
-  if with_ema and tree.get('ema'):
-    sets['ema'] = tree['ema']
-  adapted = {}
-  for name, variables in sets.items():
-    adapted[name], reinitialised = convert.adapt_variables(
-      variables, model, reinit_heads=reinit_heads
-    )
-    if reinitialised:
-      logging.info('Re-initialised %s (num_classes differs from %s).', reinitialised, path)
-  return adapted, f'checkpoint {os.path.dirname(state_dir)}'
-
-
 CLASS_NAMES_FILE = 'class_names.txt'
 
 
 def _write_class_names(config: ConfigDict, workdir: str) -> None:
   """An image folder's class names, one per line in label order, for predict.py."""
-  folder = _image_folder(config)
+  folder = builders.image_folder(config)
   if folder is not None and jax.process_index() == 0:
     with open(os.path.join(workdir, CLASS_NAMES_FILE), 'w') as f:
       f.write(''.join(f'{name}\n' for name in folder.classes))
-
-
-def _fetch_hub_weights(path: str) -> None:
-  """Downloads Hub weights into the Hugging Face cache (or finds them there) before anything
-  compiles, so that a wrong name or an offline miss fails in seconds, not after the init."""
-  from vcmamba_jax import convert
-
-  if convert.is_hub_path(path):
-    logging.info('init_from %s: %s', path, convert.resolve_hub_path(path))
-
-
-def _check_batch_sizes(config: ConfigDict) -> None:
-  for name in ('global_batch_size', 'eval_batch_size'):
-    size = config[name]
-    if size <= 0 or size % jax.device_count():
-      raise ValueError(
-        f'config.{name}={size} must be a positive multiple of the number of '
-        f'devices ({jax.device_count()}).'
-      )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,8 +131,8 @@ def train_and_evaluate(
   """
   hooks = hooks or Hooks()
   workdir = os.path.abspath(workdir)
-  _check_batch_sizes(config)
-  check_num_classes(config)
+  builders.check_batch_sizes(config)
+  builders.check_num_classes(config)
   lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
   if lock is not None:
     lock.acquire()
@@ -401,7 +141,7 @@ def train_and_evaluate(
     if resuming and (stored := workdir_lib.stored_config(workdir)) is not None:
       workdir_lib.check_resume_config(stored, config)
     if config.init_from and not resuming:
-      _fetch_hub_weights(config.init_from)
+      builders.fetch_hub_weights(config.init_from)
     if jax.process_index() == 0:
       workdir_lib.write_config_history(config, workdir)
     _write_class_names(config, workdir)
@@ -429,16 +169,12 @@ def _train(
   # The teacher first: a missing teacher file stops the run before any data is read.
   teacher = distillation.load_teacher(config, mesh)
   distillation.record_teacher(teacher, workdir)
-  train_source = open_source(config, config.data.train_split)
-  steps_per_epoch = data_lib.train_steps_per_epoch(
-    len(train_source), config.global_batch_size, config.data.repeated_aug
-  )
-  total_steps = (
-    config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
-  )
-  eval_dataset = make_eval_dataset(config)
+  train_source = builders.train_source(config)
+  steps_per_epoch = builders.steps_per_epoch(config, len(train_source))
+  total_steps = builders.total_train_steps(config, steps_per_epoch)
+  eval_dataset = builders.make_eval_dataset(config)
   num_eval_batches = data_lib.eval_num_batches(
-    len(open_source(config, config.data.eval_split)),
+    len(builders.open_source(config, config.data.eval_split)),
     config.eval_batch_size,
     jax.process_count(),
   )
@@ -453,22 +189,17 @@ def _train(
   # ----------------------------------------------------------------------------------------------
   # Model, optimizer and the sharded state: restored, pretrained or fresh.
   # ----------------------------------------------------------------------------------------------
-  model = build_model(config)
-  schedule = optim.learning_rate_schedule(config, steps_per_epoch)
-  tx = optim.create_optimizer(config, schedule)
-  init = state_lib.make_initializer(
-    model, tx, image_size=config.model.img_size, use_ema=config.ema_decay > 0
-  )
+  model = builders.build_model(config)
+  schedule, tx = builders.build_optimizer(config, steps_per_epoch)
+  init, abstract_state, shardings = builders.abstract_train_state(config, model, tx, mesh)
   rng = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.eval_shape(init, rng)
-  shardings = sharding_lib.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
   logging.info('%s: %.2fM parameters', config.model.name, num_params / 1e6)
 
   ckpts = checkpoint_lib.RunCheckpoints(
     workdir, keep=config.keep_checkpoints, storage_hook=hooks.storage
   )
-  train_iter = iter(make_train_dataset(config, train_source))
+  train_iter = iter(builders.make_train_dataset(config, train_source))
   writer = None
   try:
     restored = ckpts.restore_latest(abstract_state, shardings, train_iter)
@@ -479,9 +210,9 @@ def _train(
       logging.info('Initialising the model state (compiling the initialiser)...')
       state = state_lib.init_sharded(init, rng, shardings)
       if config.init_from:
-        weights, source = load_weights(config.init_from, model, config, reinit_heads=True)
+        weights, source = builders.load_weights(config.init_from, model, config, reinit_heads=True)
         state = state_lib.with_pretrained(state, shardings, weights[''])
-        logging.info('Initialised the weights from %s.', source)
+        logging.info('Initialised the weights from %s.', source.description)
     start_step = int(jax.device_get(state.step))
     writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
     return _loop(
@@ -537,11 +268,11 @@ def _loop(
   # ----------------------------------------------------------------------------------------------
   # Jitted steps: explicit shardings, donated state.
   # ----------------------------------------------------------------------------------------------
-  train_step = jit_train_step(model, tx, schedule, config, mesh, shardings, teacher)
+  train_step = builders.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher)
   eval_shardings = {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
   if shardings.ema:
     eval_shardings['ema'] = shardings.ema
-  eval_step = jit_eval_step(model, mesh, eval_shardings)
+  eval_step = builders.jit_eval_step(model, mesh, eval_shardings)
 
   evals_done = 0
 
@@ -598,7 +329,7 @@ def _loop(
   for step in range(start_step + 1, total_steps + 1):
     ckpts.check()  # a failed background save stops the run here, in one line
     batch = next(train_iter)
-    batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in TRAIN_KEYS})
+    batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in builders.TRAIN_KEYS})
     if not chrono.started:
       logging.info('Compiling the train step (the first step)...')
       compile_start = time.perf_counter()
@@ -612,6 +343,8 @@ def _loop(
       )
     if hooks.after_step is not None:
       hooks.after_step(step)
+    if hooks.edit_state is not None:
+      state = hooks.edit_state(step, state) or state
 
     preempted = preemption.reached(step)
     is_last = step == total_steps
@@ -698,7 +431,7 @@ def evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
   `config.init_from`) on `config.data.eval_split`: top-1/top-5/loss of the weights and, for
   our checkpoints, of their EMA. Results go to the log, metrics.jsonl and the return value."""
   workdir = os.path.abspath(workdir)
-  _check_batch_sizes(config)
+  builders.check_batch_sizes(config)
   source = config.eval_from
   if not source and checkpoint_lib.find_training_checkpoint(workdir) is not None:
     source = workdir
@@ -711,36 +444,31 @@ def evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     )
 
   mesh = sharding_lib.create_mesh(config.mesh.fsdp)
-  check_num_classes(config)
-  model = build_model(config)
-  weights, description = load_weights(source, model, config, with_ema=True)
+  builders.check_num_classes(config)
+  model = builders.build_model(config)
+  weights, read = builders.load_weights(source, model, config, with_ema=True)
   abstract = jax.eval_shape(lambda: weights)
   weight_shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
   weights = {
     name: state_lib.put_variables(w, weight_shardings[name]) for name, w in weights.items()
   }
-  eval_step = jit_eval_step(model, mesh, weight_shardings)
+  eval_step = builders.jit_eval_step(model, mesh, weight_shardings)
   num_batches = data_lib.eval_num_batches(
-    len(open_source(config, config.data.eval_split)), config.eval_batch_size, jax.process_count()
+    len(builders.open_source(config, config.data.eval_split)),
+    config.eval_batch_size,
+    jax.process_count(),
   )
   results = run_evaluation(
-    eval_step, weights, make_eval_dataset(config), mesh, num_batches=num_batches
+    eval_step, weights, builders.make_eval_dataset(config), mesh, num_batches=num_batches
   )
   results = {f'eval/{k}': v for k, v in results.items()}
-  step = _checkpoint_step(source)
+  step = read.step or 0
   writer = metrics_lib.MetricWriter(workdir)
   try:
-    writer.write(step, {**results, 'eval/source': description})
+    writer.write(step, {**results, 'eval/source': read.description})
   finally:
     writer.close()
-  logging.info('eval of %s: %s', description, _format_eval(results))
+  logging.info('eval of %s: %s', read.description, _format_eval(results))
   if jax.process_index() == 0:
     logging.info('%s', json.dumps(results))
   return results
-
-
-def _checkpoint_step(path: str) -> int:
-  state_dir = checkpoint_lib.find_training_checkpoint(path)
-  if state_dir is None:
-    return 0
-  return int(os.path.basename(os.path.dirname(state_dir)))

@@ -1,7 +1,7 @@
 """Checks a training/eval config before anything is read, compiled or written.
 
 `validate_config(config)` raises one `ConfigError` listing every invalid field of the recipe
-(`configs/common.py`) with the value it got and what it accepts, so a typo costs a second, not
+(`vcmamba_jax/configs/common.py`) with the value it got and what it accepts, so a typo costs a second, not
 a dataset load and a compile. Fields this module does not know (added by other features) are
 left to their owners.
 """

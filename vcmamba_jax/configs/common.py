@@ -155,10 +155,6 @@ def imagenet_recipe(model_name: str) -> config_dict.ConfigDict:
   # Resuming checks the workdir's stored config: changes that break an exact resume (seed,
   # global batch, model, data stream, augmentation, EMA) are refused unless this is True.
   config.force_resume = False
-
-  # Fault injection for tests; -1 = off. Steps count from 1 (the first update is step 1).
-  config.debug = config_dict.ConfigDict()
-  config.debug.nan_at_step = -1  # make the loss of this step NaN.
   return config
 
 

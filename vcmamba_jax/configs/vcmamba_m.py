@@ -3,7 +3,7 @@ r"""VCMamba-M (21.0M params) on ImageNet-1k, 300 epochs, the paper's recipe.
 Command (one host with 8 GPUs; on a multi-host TPU slice or GPU cluster run it on every host,
 adding --config.distributed=on where the environment is not auto-detected, see common.py):
 
-  python main.py --config=configs/vcmamba_m.py --workdir=runs/vcmamba_m \
+  python main.py --config=vcmamba_jax/configs/vcmamba_m.py --workdir=runs/vcmamba_m \
       --config.data.data_dir=$TFDS_DATA_DIR \
       --config.distillation.teacher_path=$HOME/regnety_160-a5fe301d.pth
 
@@ -22,10 +22,10 @@ Time: 300 epochs at that rate on 8 such GPUs, ~7 h of compute (if it scales line
 Smoke test (about a minute on a laptop CPU, mostly compilation; vcmamba_nano at 32 px on the
 offline digits data, the recipe's code paths unchanged):
 
-  python main.py --config=configs/vcmamba_m.py:smoke --workdir=/tmp/smoke
+  python main.py --config=vcmamba_jax/configs/vcmamba_m.py:smoke --workdir=/tmp/smoke
 """
 
-from configs import common
+from vcmamba_jax.configs import common
 
 
 def get_config(arg=None):

@@ -1,6 +1,6 @@
 r"""A first run: a small VCMamba learns handwritten digits on a laptop CPU in a few minutes.
 
-  python main.py --config=configs/digits.py --workdir=runs/digits
+  python main.py --config=vcmamba_jax/configs/digits.py --workdir=runs/digits
 
 Data: `vcmamba_digits` (scikit-learn's 1,797 real 8x8 digits as 32x32 RGB; 1,437 train / 360
 validation), prepared offline on first use. Model: `vcmamba_nano` (0.28M parameters: the VCMamba
@@ -15,7 +15,7 @@ minutes on an idle 2-core CPU (up to 3 on a busy one; compilation is 20-40 s of 
 `:smoke` runs 2 epochs.
 """
 
-from configs import common
+from vcmamba_jax.configs import common
 
 
 def get_config(arg=None):

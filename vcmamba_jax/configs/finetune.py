@@ -1,14 +1,14 @@
 r"""Fine-tune pretrained VCMamba weights on your own classification data.
 
   # a folder of class subfolders (DIR/<class>/*.jpg; 10% of each class held out for validation)
-  python main.py --config=configs/finetune.py --workdir=runs/pets \
+  python main.py --config=vcmamba_jax/configs/finetune.py --workdir=runs/pets \
       --config.data.image_folder=~/data/pets
   # ... or with its own split: DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg
   # any TFDS image-classification dataset (prepared in ArrayRecord format, see README)
-  python main.py --config=configs/finetune.py --workdir=runs/flowers \
+  python main.py --config=vcmamba_jax/configs/finetune.py --workdir=runs/flowers \
       --config.data.dataset=oxford_flowers102 --config.data.eval_split=test
   # another variant / resolution / weights (Hub path, file, exported folder or our checkpoint)
-  python main.py --config=configs/finetune.py:b --workdir=runs/flowers_b384 \
+  python main.py --config=vcmamba_jax/configs/finetune.py:b --workdir=runs/flowers_b384 \
       --config.data.dataset=oxford_flowers102 --config.model.img_size=384
 
 Starts from `init_from` (default: the official ImageNet-1k weights of `model.name` on the Hugging
@@ -22,14 +22,14 @@ AdamW at peak lr 1e-4 for a global batch of 128 (scaled linearly with the batch)
 erasing, label smoothing 0.1, no mixup/cutmix and no repeated augmentation (they pay off on long
 schedules), no EMA. Evaluation every 5 epochs and at the end.
 
-Config arguments (`configs/finetune.py:ARGS`, comma-separated): `s`, `m`, `b` pick the variant
+Config arguments (`vcmamba_jax/configs/finetune.py:ARGS`, comma-separated): `s`, `m`, `b` pick the variant
 (default s); `smoke` makes a seconds-long CPU run (vcmamba_nano at 32 px, a few steps; give
 init_from and the data).
 """
 
 from ml_collections import config_dict
 
-from configs import common
+from vcmamba_jax.configs import common
 from vcmamba_jax.convert.registry import PRETRAINED_WEIGHTS
 
 _VARIANTS = {'s': 'vcmamba_s', 'm': 'vcmamba_m', 'b': 'vcmamba_b'}

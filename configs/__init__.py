@@ -1,1 +1,0 @@
-"""Experiment configs: `python main.py --config=configs/<name>.py[:smoke] --workdir=DIR`."""
