@@ -114,19 +114,19 @@ def _read_pytorch(source: str, name: str | None) -> Weights:
       kwargs['num_classes'] = int(np.shape(state['head.fc.weight'])[0])
     model = regnet_lib.create_model(name, **kwargs)
     variables = regnet_convert.state_dict_to_variables(state, model, source=source)
-    return Weights(variables, name, kwargs, description=f'timm weights {source}')
+    return Weights(variables, name, kwargs, description=f'pretrained weights {source}')
   name = name or _detect_name(state, source)
   kwargs = pytorch_lib.checkpoint_geometry(state)
   model = vcmamba_lib.create_model(name, **kwargs)
   variables = pytorch_lib.state_dict_to_variables(state, model, source=source)
-  return Weights(variables, name, kwargs, description=f'PyTorch weights {source}')
+  return Weights(variables, name, kwargs, description=f'pretrained weights {source}')
 
 
 def _read_exported(source: str, name: str | None) -> Weights:
   stored_name, kwargs, variables = pretrained_lib.read_exported(source)
   if name is not None and name != stored_name:
     raise CheckpointError(f'{source} holds a {stored_name} model, not {name}')
-  return Weights(variables, stored_name, kwargs, description=f'exported model {source}')
+  return Weights(variables, stored_name, kwargs, description=f'pretrained weights {source}')
 
 
 def _run_model_config(checkpoints_dir: str) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def _read_checkpoint(source: str, name: str | None) -> Weights:
 
 def _read_hub(source: str, name: str | None) -> Weights:
   weights = read_weights(hub_lib.resolve(source), name)
-  return dataclasses.replace(weights, description=f'{source} ({weights.description})')
+  return dataclasses.replace(weights, description=f'pretrained weights {source}')
 
 
 READERS: dict[str, Callable[[str, str | None], Weights]] = {
