@@ -21,9 +21,10 @@ import traceback
 from absl import app, flags
 from ml_collections import config_flags
 
-import vcmamba_jax.train
-from vcmamba_jax import checkpoint
-from vcmamba_jax.train import validate
+# Only the lazy top-level package here: grain starts its worker processes with 'spawn', which
+# re-runs this file's top level in every worker; `vcmamba_jax.train` (jax, flax, orbax, the
+# models) is imported by the first `vcmamba_jax.train` lookup in main(), in this process only.
+import vcmamba_jax
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> None:
     result = vcmamba_jax.train.run(_CONFIG.value, _WORKDIR.value)
   except KeyboardInterrupt:  # Ctrl-C before the training loop watches for it
     print('main.py: interrupted before training started; nothing was saved.', file=sys.stderr)
-    sys.exit(checkpoint.EXIT_INTERRUPTED)
+    sys.exit(vcmamba_jax.checkpoint.EXIT_INTERRUPTED)
   except Exception as e:
     if _VERBOSE.value or os.environ.get('VCMAMBA_VERBOSE', '') not in ('', '0'):
       traceback.print_exc()
@@ -59,9 +60,9 @@ def main(argv: list[str]) -> None:
         f'main.py: error: {e} (--verbose or VCMAMBA_VERBOSE=1 shows the traceback)',
         file=sys.stderr,
       )
-    sys.exit(EXIT_CONFIG if isinstance(e, validate.ConfigError) else EXIT_ERROR)
+    sys.exit(EXIT_CONFIG if isinstance(e, vcmamba_jax.train.validate.ConfigError) else EXIT_ERROR)
   if result.get('preempted'):
-    sys.exit(checkpoint.EXIT_PREEMPTED)
+    sys.exit(vcmamba_jax.checkpoint.EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':

@@ -30,7 +30,6 @@ Exit status: 0 on success, 1 on a conversion or verification error, 2 on bad arg
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -47,16 +46,6 @@ from vcmamba_jax.convert import pretrained as pretrained_lib
 from vcmamba_jax.models import vcmamba as vcmamba_lib
 
 PYTORCH_SUFFIXES = ('.pth', '.pt', '.safetensors', '.npz')
-# VCMamba fields that an exported model.json records (save_pretrained drops the defaults).
-_STORED_FIELDS = (
-  'num_classes',
-  'img_size',
-  'depths',
-  'widths',
-  'num_mamba_layers',
-  'scan_mode',
-  'stem_activation',
-)
 
 
 def variant_name(path: str, model: vcmamba_lib.VCMamba) -> str:
@@ -64,24 +53,17 @@ def variant_name(path: str, model: vcmamba_lib.VCMamba) -> str:
   else the variant whose depths/widths/Mamba layers the model has."""
   if not convert.is_hub_path(path) and convert.is_exported_model(path):
     return pretrained_lib.read_exported_config(path)[0]
-  for name, spec in vcmamba_lib.VARIANTS.items():
-    if (tuple(model.depths), tuple(model.widths), model.num_mamba_layers) == (
-      spec.depths,
-      spec.widths,
-      spec.num_mamba_layers,
-    ):
-      return name
+  name = vcmamba_lib.variant_name(model)
+  if name is not None:
+    return name
   raise convert.CheckpointError(f'{path}: the model matches no registered variant; pass --model')
 
 
 def count_parameters(variables: dict[str, Any]) -> tuple[int, int]:
   """(all parameters, parameters without dist_head)."""
 
-  def size(tree):
-    return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(tree)))
-
-  total = size(variables['params'])
-  return total, total - size(variables['params'].get('dist_head', {}))
+  total = vcmamba_lib.num_params(variables['params'])
+  return total, total - vcmamba_lib.num_params(variables['params'].get('dist_head', {}))
 
 
 def write_pytorch_file(state: dict[str, np.ndarray], path: str, container: str = 'model') -> None:
@@ -197,7 +179,7 @@ def convert_weights(args: argparse.Namespace) -> str:
     flush=True,
   )
   name = args.model or variant_name(source, model)
-  model_kwargs = {field: getattr(model, field) for field in _STORED_FIELDS}
+  model_kwargs = {field: getattr(model, field) for field in pretrained_lib.EXPORTED_FIELDS}
   if args.to_pytorch:
     os.makedirs(os.path.dirname(output) or '.', exist_ok=True)
     write_pytorch_file(

@@ -62,15 +62,8 @@ PAPER = {
 }
 
 
-def _abstract_variables(model: vcmamba_lib.VCMamba, img_size: int) -> dict[str, Any]:
-  size = max(img_size, 32)
-  return jax.eval_shape(
-    lambda: model.init({'params': jax.random.key(0)}, jnp.zeros((1, size, size, 3)), train=False)
-  )
-
-
 def _size(tree: Any) -> int:
-  return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+  return vcmamba_lib.num_params(tree)
 
 
 def count_parameters(name: str, img_size: int = 224, **model_kwargs) -> dict[str, int]:
@@ -81,7 +74,7 @@ def count_parameters(name: str, img_size: int = 224, **model_kwargs) -> dict[str
     'batch_stats': BatchNorm running mean/var entries (buffers, not parameters)}``.
   """
   model = vcmamba_lib.create_model(name, img_size=img_size, **model_kwargs)
-  variables = _abstract_variables(model, img_size)
+  variables = vcmamba_lib.abstract_variables(model)
   params = variables['params']
   total = _size(params)
   return {
@@ -104,7 +97,7 @@ def xla_cost(
   multiply-add as 2; see the module docstring for what is included).
   """
   model = vcmamba_lib.create_model(name, img_size=img_size, **model_kwargs)
-  variables = _abstract_variables(model, img_size)
+  variables = vcmamba_lib.abstract_variables(model)
   images = jax.ShapeDtypeStruct((batch_size, img_size, img_size, 3), jnp.float32)
   start = time.perf_counter()
   compiled = jax.jit(_eval_forward(model)).lower(variables, images).compile()
@@ -167,7 +160,7 @@ def matmul_macs(name: str, img_size: int = 224, batch_size: int = 1, **model_kwa
   """Multiply-accumulates of all convolutions and matmuls (dot_general) of the eval forward,
   from its jaxpr (no compilation)."""
   model = vcmamba_lib.create_model(name, img_size=img_size, **model_kwargs)
-  variables = _abstract_variables(model, img_size)
+  variables = vcmamba_lib.abstract_variables(model)
   images = jax.ShapeDtypeStruct((batch_size, img_size, img_size, 3), jnp.float32)
   closed = jax.make_jaxpr(_eval_forward(model))(variables, images)
   macs, inexact = _jaxpr_macs(closed.jaxpr)

@@ -48,14 +48,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def variant_name(model: vcmamba_lib.VCMamba) -> str:
   """The registered name of the model's architecture, or 'VCMamba' for a custom one."""
-  for name, spec in vcmamba_lib.VARIANTS.items():
-    if (tuple(model.depths), tuple(model.widths), model.num_mamba_layers) == (
-      spec.depths,
-      spec.widths,
-      spec.num_mamba_layers,
-    ):
-      return name
-  return 'VCMamba'
+  return vcmamba_lib.variant_name(model) or 'VCMamba'
 
 
 def make_classifier(model: vcmamba_lib.VCMamba, topk: int):

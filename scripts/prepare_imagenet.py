@@ -23,7 +23,7 @@ TensorFlow is not required (a small tf.io.gfile stand-in is used when it is miss
 
 Usage:
   python scripts/prepare_imagenet.py --manual_dir=/data/imagenet_tars --data_dir=/data/tfds
-  # then train with --config.data_dir=/data/tfds (or set TFDS_DATA_DIR=/data/tfds)
+  # then train with --config.data.data_dir=/data/tfds (or set TFDS_DATA_DIR=/data/tfds)
 
   # Try the whole pipeline in seconds on a synthetic ImageNet (never mix it with real data):
   python scripts/prepare_imagenet.py --fake --data_dir=/tmp/fake_imagenet_tfds

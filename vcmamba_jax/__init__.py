@@ -22,9 +22,16 @@ _EXPORTS = {
 }
 
 
+# Subpackages, imported on first attribute access (`vcmamba_jax.train.run(...)` after a bare
+# `import vcmamba_jax`, as main.py does).
+_SUBPACKAGES = ('checkpoint', 'configs', 'convert', 'data', 'models', 'segmentation', 'train')
+
+
 def __getattr__(name):
   if name in _EXPORTS:
     return getattr(importlib.import_module(_EXPORTS[name]), name)
+  if name in _SUBPACKAGES:
+    return importlib.import_module(f'vcmamba_jax.{name}')
   raise AttributeError(f"module 'vcmamba_jax' has no attribute {name!r}")
 
 

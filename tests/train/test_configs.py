@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 
@@ -28,7 +29,8 @@ def test_configs_build_and_document_themselves(name, arg):
 )
 def test_paper_recipe(name, paper_top1):
   module = importlib.import_module(f'vcmamba_jax.configs.{name}')
-  assert paper_top1 in module.__doc__ and 'img/s' in module.__doc__
+  assert paper_top1 in module.__doc__
+  assert re.search(r'[0-9],[0-9]{3} img/s', module.__doc__)  # a measured number (README)
   config = module.get_config()
   assert config.model.name == name and config.model.img_size == 224
   assert config.model.drop_path_rate == 0.2 and config.model.dtype == 'float32'

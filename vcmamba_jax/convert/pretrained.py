@@ -38,7 +38,8 @@ FORMAT_VERSION = 2
 # Format 1 (read only): model.json + orbax variables/.
 MODEL_JSON = 'model.json'
 VARIABLES_DIR = 'variables'
-_JSON_KWARGS = (
+# The architecture fields an exported folder records (defaults of the variant omitted).
+EXPORTED_FIELDS = (
   'num_classes',
   'img_size',
   'depths',
@@ -143,7 +144,7 @@ def save_pretrained(
   pytorch_lib.state_dict_to_variables(state, model, source='variables')
   kwargs = _model_kwargs(model, name)
   os.makedirs(directory, exist_ok=True)
-  num_params = sum(int(np.size(x)) for x in jax.tree.leaves(variables['params']))
+  num_params = vcmamba_lib.num_params(variables['params'])
   config = {
     'library_name': hub_lib.LIBRARY_NAME,
     'format_version': FORMAT_VERSION,
@@ -197,7 +198,7 @@ def read_exported_config(directory: str) -> tuple[str, dict[str, Any]]:
       meta = json.load(f)
     name = meta.get('name')
   kwargs = meta.get('model_kwargs', {})
-  unknown = set(kwargs) - set(_JSON_KWARGS)
+  unknown = set(kwargs) - set(EXPORTED_FIELDS)
   if name not in vcmamba_lib.VARIANTS or unknown:
     raise pytorch_lib.CheckpointError(
       f'{directory} does not describe a vcmamba_jax model (architecture {name!r}, unknown '
@@ -251,7 +252,7 @@ def _unreadable_file(variables_dir: str, error: Exception) -> str:
 def _read_orbax_format(directory: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
   with open(os.path.join(directory, MODEL_JSON)) as f:
     meta = json.load(f)
-  unknown = set(meta.get('model_kwargs', {})) - set(_JSON_KWARGS)
+  unknown = set(meta.get('model_kwargs', {})) - set(EXPORTED_FIELDS)
   if 'name' not in meta or unknown:
     raise pytorch_lib.CheckpointError(
       f'{directory}/{MODEL_JSON} is not a vcmamba_jax model '
@@ -309,7 +310,7 @@ def adapt_variables(
     jnp.zeros((1, size, size, 3)),
     train=False,
   )
-  target = jax.eval_shape(init)
+  target = vcmamba_lib.abstract_variables(model)
   fresh = None
   reinitialised = []
   out = {}

@@ -260,10 +260,7 @@ def _expected_shapes(key: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
     img_size=32 * grid,
     mlp_ratio=mlp_ratio,
   )
-  size = 32 * grid
-  abstract = jax.eval_shape(
-    lambda: model.init({'params': jax.random.key(0)}, jnp.zeros((1, size, size, 3)), train=False)
-  )
+  abstract = vcmamba_lib.abstract_variables(model)
   shapes = []
   for collection in ('params', 'batch_stats'):
     for path, leaf in traverse_util.flatten_dict(abstract[collection]).items():
@@ -354,10 +351,7 @@ def state_dict_to_variables(
     )
     raise CheckpointError('\n  '.join(lines))
 
-  size = max(model.img_size, 32)
-  abstract = jax.eval_shape(
-    lambda: model.init({'params': jax.random.key(0)}, jnp.zeros((1, size, size, 3)), train=False)
-  )
+  abstract = vcmamba_lib.abstract_variables(model)
   variables = {}
   for collection in ('params', 'batch_stats'):
     flat = {}

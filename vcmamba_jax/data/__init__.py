@@ -1,95 +1,67 @@
 """Input pipeline: TFDS ArrayRecord sources, grain train/eval iterators, host transforms, and
 jittable device-side ops (normalise, random erasing, mixup/cutmix).
 
-Importing this package registers the offline `vcmamba_digits` TFDS dataset.
+Importing the package is cheap and has no side effects: every name below is imported from its
+module on first use, so `import vcmamba_jax.data` (or `.transforms`, what grain workers run)
+pulls in neither jax nor tensorflow_datasets. The offline `vcmamba_digits` TFDS dataset is
+registered when `datasets` is first used (e.g. `get_source`), not on import.
 """
 
-from vcmamba_jax.data.datasets import (
-  DIGITS,
-  IMAGENET,
-  FakeImagenet,
-  VcmambaDigits,
-  get_num_classes,
-  get_source,
-  prepare_digits,
-  prepare_imagenet2012,
-  write_fake_imagenet_manual_dir,
-)
-from vcmamba_jax.data.device_ops import (
-  IMAGENET_MEAN,
-  IMAGENET_STD,
-  mixup_cutmix,
-  normalize,
-  one_hot_smoothed,
-  random_erasing,
-)
-from vcmamba_jax.data.pipeline import (
-  BOOKKEEPING_KEYS,
-  create_eval_dataset,
-  create_eval_iterator,
-  create_train_dataset,
-  create_train_iterator,
-  eval_num_batches,
-  eval_shard_bounds,
-  measure_throughput,
-  samples_per_epoch,
-  train_steps_per_epoch,
-)
-from vcmamba_jax.data.transforms import (
-  DEFAULT_CROP_PCT,
-  DEFAULT_RANDAUGMENT,
-  IMAGENET_MEAN_PIXEL,
-  EvalTransform,
-  ImageDecodeError,
-  RandAugment,
-  TrainTransform,
-  decode_image,
-  eval_preprocess,
-  eval_resize_size,
-  imagenet_class_names,
-  imagenet_synsets,
-  parse_randaugment,
-  random_resized_crop_box,
-)
+import importlib
 
-__all__ = [
-  'BOOKKEEPING_KEYS',
-  'DEFAULT_CROP_PCT',
-  'DEFAULT_RANDAUGMENT',
-  'DIGITS',
-  'IMAGENET',
-  'IMAGENET_MEAN',
-  'IMAGENET_MEAN_PIXEL',
-  'IMAGENET_STD',
-  'EvalTransform',
-  'FakeImagenet',
-  'ImageDecodeError',
-  'RandAugment',
-  'TrainTransform',
-  'VcmambaDigits',
-  'create_eval_dataset',
-  'create_eval_iterator',
-  'create_train_dataset',
-  'create_train_iterator',
-  'decode_image',
-  'eval_num_batches',
-  'eval_preprocess',
-  'eval_resize_size',
-  'eval_shard_bounds',
-  'get_num_classes',
-  'get_source',
-  'imagenet_class_names',
-  'imagenet_synsets',
-  'measure_throughput',
-  'mixup_cutmix',
-  'normalize',
-  'one_hot_smoothed',
-  'parse_randaugment',
-  'prepare_digits',
-  'prepare_imagenet2012',
-  'random_erasing',
-  'random_resized_crop_box',
-  'samples_per_epoch',
-  'train_steps_per_epoch',
-  'write_fake_imagenet_manual_dir',
-]
+_EXPORTS = {
+  'DIGITS': 'datasets',
+  'IMAGENET': 'datasets',
+  'FakeImagenet': 'datasets',
+  'VcmambaDigits': 'datasets',
+  'get_num_classes': 'datasets',
+  'get_source': 'datasets',
+  'prepare_digits': 'datasets',
+  'prepare_imagenet2012': 'datasets',
+  'write_fake_imagenet_manual_dir': 'datasets',
+  'IMAGENET_MEAN': 'device_ops',
+  'IMAGENET_STD': 'device_ops',
+  'mixup_cutmix': 'device_ops',
+  'normalize': 'device_ops',
+  'one_hot_smoothed': 'device_ops',
+  'random_erasing': 'device_ops',
+  'BOOKKEEPING_KEYS': 'pipeline',
+  'create_eval_dataset': 'pipeline',
+  'create_train_dataset': 'pipeline',
+  'eval_num_batches': 'pipeline',
+  'eval_shard_bounds': 'pipeline',
+  'measure_throughput': 'pipeline',
+  'samples_per_epoch': 'pipeline',
+  'train_steps_per_epoch': 'pipeline',
+  'create_train_iterator': 'iterators',
+  'create_eval_iterator': 'iterators',
+  'DEFAULT_CROP_PCT': 'transforms',
+  'DEFAULT_RANDAUGMENT': 'transforms',
+  'IMAGENET_MEAN_PIXEL': 'transforms',
+  'EvalTransform': 'transforms',
+  'ImageDecodeError': 'transforms',
+  'RandAugment': 'transforms',
+  'TrainTransform': 'transforms',
+  'decode_image': 'transforms',
+  'eval_preprocess': 'transforms',
+  'eval_resize_size': 'transforms',
+  'imagenet_class_names': 'transforms',
+  'imagenet_synsets': 'transforms',
+  'parse_randaugment': 'transforms',
+  'random_resized_crop_box': 'transforms',
+}
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(f'vcmamba_jax.data.{_EXPORTS[name]}'), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+  raise AttributeError(f"module 'vcmamba_jax.data' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

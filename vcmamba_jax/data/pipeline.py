@@ -166,14 +166,13 @@ def _ensure_absl_flags_parsed() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-class _RepeatedAugSampler(grain.MapDataset):
+class RepeatedAugPositions:
   """Local batch k of process p -> its global stream positions and the records they read.
 
-  Row j of local batch k is local position i = k * local_batch + j, i.e. global position
-  g = i * P + p. Elements: {'positions': int64 [local_batch], 'records': int64 [local_batch]}.
+  Row j of local batch k is global position g = k * B + p * b + j (B the global batch, b = B / P
+  the local one): process p reads a contiguous block of every global batch. Returns
+  {'positions': int64 [b], 'records': int64 [b]}.
   """
-
-  _MUTATES_ELEMENT_SPEC = True
 
   def __init__(
     self,
@@ -186,7 +185,6 @@ class _RepeatedAugSampler(grain.MapDataset):
     process_index: int,
     process_count: int,
   ):
-    super().__init__()
     self._num_records = num_records
     self._seed = seed
     self._repeated_aug = repeated_aug
@@ -207,12 +205,9 @@ class _RepeatedAugSampler(grain.MapDataset):
     self.__dict__.update(state)
     self._lock = threading.Lock()
 
-  def __len__(self) -> int:
-    return _INFINITE // self._local_batch
-
   def __str__(self) -> str:
     return (
-      f'RepeatedAugSampler(seed={self._seed}, repeats={self._repeated_aug}, '
+      f'RepeatedAugPositions(seed={self._seed}, repeats={self._repeated_aug}, '
       f'positions_per_epoch={self._positions_per_epoch}, '
       f'process={self._process_index}/{self._process_count})'
     )
@@ -229,22 +224,43 @@ class _RepeatedAugSampler(grain.MapDataset):
           self._permutations.popitem(last=False)
       return perm
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
-    with self._stats.record_self_time():
-      global_batch = self._local_batch * self._process_count
-      positions = (
-        index * global_batch
-        + self._process_index * self._local_batch
-        + np.arange(self._local_batch, dtype=np.int64)
-      )
-      epochs, offsets = np.divmod(positions, self._positions_per_epoch)
-      records = np.empty_like(positions)
-      for epoch in np.unique(epochs):  # a batch spans at most two epochs
-        rows = epochs == epoch
-        records[rows] = self.permutation(int(epoch))[offsets[rows] // self._repeated_aug]
-      return {'positions': positions, 'records': records}
+  def __call__(self, index: int) -> dict[str, np.ndarray]:
+    global_batch = self._local_batch * self._process_count
+    positions = (
+      index * global_batch
+      + self._process_index * self._local_batch
+      + np.arange(self._local_batch, dtype=np.int64)
+    )
+    epochs, offsets = np.divmod(positions, self._positions_per_epoch)
+    records = np.empty_like(positions)
+    for epoch in np.unique(epochs):  # a batch spans at most two epochs
+      rows = epochs == epoch
+      records[rows] = self.permutation(int(epoch))[offsets[rows] // self._repeated_aug]
+    return {'positions': positions, 'records': records}
+
+
+def repeated_aug_sampler(
+  *,
+  num_records: int,
+  seed: int,
+  repeated_aug: int,
+  positions_per_epoch: int,
+  local_batch: int,
+  process_index: int,
+  process_count: int,
+) -> grain.MapDataset:
+  """The (endless) sampler of the training stream: element k is `RepeatedAugPositions(...)(k)`,
+  the positions and records of this process's share of global batch k."""
+  positions = RepeatedAugPositions(
+    num_records=num_records,
+    seed=seed,
+    repeated_aug=repeated_aug,
+    positions_per_epoch=positions_per_epoch,
+    local_batch=local_batch,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  return grain.MapDataset.range(_INFINITE // local_batch).map(positions)
 
 
 def _read(source: Sequence[dict[str, Any]], indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -316,7 +332,8 @@ class TrainBatchBuilder:
     return batch
 
 
-def _close_at_exit(iterator: grain.DatasetIterator) -> grain.DatasetIterator:
+def close_at_exit(iterator: grain.DatasetIterator) -> grain.DatasetIterator:
+  """`iterator`, closed at interpreter exit unless closed before."""
   # Stops prefetch threads and worker processes before interpreter teardown; otherwise their
   # finalizers run after module globals are gone and print spurious tracebacks.
   ref = weakref.ref(iterator)
@@ -396,7 +413,7 @@ def create_train_dataset(
   # batch k is a pure function of (seed, k), so the output does not depend on num_workers
   # (worker w builds batches w, w + W, ... and grain interleaves them back in order), and only
   # one ready batch per step crosses the process boundary (through shared memory).
-  ds = _RepeatedAugSampler(
+  ds = repeated_aug_sampler(
     num_records=num_records,
     seed=seed,
     repeated_aug=repeated_aug,
@@ -415,69 +432,6 @@ def create_train_dataset(
   return ds
 
 
-def create_train_iterator(
-  *,
-  dataset: str,
-  split: str = 'train',
-  data_dir: str | os.PathLike | None = None,
-  global_batch_size: int,
-  image_size: int = 224,
-  seed: int = 0,
-  repeated_aug: int = 3,
-  randaugment: str | None = DEFAULT_RANDAUGMENT,
-  num_workers: int = 0,
-  num_threads: int | None = None,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  prefetch_batches: int = 2,
-) -> grain.DatasetIterator:
-  """Infinite, deterministic, resumable training iterator (see the module docstring).
-
-  Args:
-    dataset: TFDS name ('imagenet2012', 'vcmamba_digits', ...), ArrayRecord format.
-    split: TFDS split.
-    data_dir: TFDS data dir (None: TFDS default).
-    global_batch_size: batch over all processes; must be divisible by process_count.
-    image_size: output side of RandomResizedCrop.
-    seed: determines the permutations and every augmentation draw.
-    repeated_aug: R consecutive copies of each sampled index (3 = DeiT; 1 = off).
-    randaugment: timm RandAugment config string, or None to disable.
-    num_workers: grain worker processes (0: in-process threads; for CI, tests, notebooks).
-      With workers, call this from code under `if __name__ == '__main__':` (grain spawns).
-    num_threads: batches built concurrently per worker (or in-process, where they are threads
-      sharing the GIL); default 1 with workers, else min(4, #CPUs).
-    process_index, process_count: this host's index and the host count (default: jax's).
-    prefetch_batches: finished batches buffered per worker (in-process: read-ahead batches).
-
-  Returns:
-    A grain `DatasetIterator` yielding dicts image uint8 [local_batch, H, W, 3], label int32
-    [local_batch], index int32 [local_batch], num_skipped int32 [local_batch]. Its state can be
-    saved with `grain.checkpoint.CheckpointSave(iterator)`. Steps per epoch:
-    `train_steps_per_epoch(len(get_source(dataset, split, data_dir)), global_batch_size,
-    repeated_aug)`. Call `iterator.close()` when done to stop worker processes early.
-  """
-  from vcmamba_jax.data.datasets import get_source
-
-  source = get_source(dataset, split, data_dir)
-  return _close_at_exit(
-    iter(
-      create_train_dataset(
-        source=source,
-        global_batch_size=global_batch_size,
-        image_size=image_size,
-        seed=seed,
-        repeated_aug=repeated_aug,
-        randaugment=randaugment,
-        num_workers=num_workers,
-        num_threads=num_threads,
-        process_index=process_index,
-        process_count=process_count,
-        prefetch_batches=prefetch_batches,
-      )
-    )
-  )
-
-
 # ------------------------------------------------------------------------------------------------
 # Evaluation.
 # ------------------------------------------------------------------------------------------------
@@ -491,28 +445,26 @@ def eval_shard_bounds(num_records: int, process_index: int, process_count: int) 
   )
 
 
-class _EvalShard(grain.MapDataset):
-  """Padded contiguous shard: i -> {'record_index', 'record'} (record None past the shard)."""
+class _ShardRecord:
+  """Shard position i -> {'record_index', 'record'} of the contiguous shard [start, end) of
+  `source`; past the shard (padding) record_index -1 and record None."""
 
-  _MUTATES_ELEMENT_SPEC = True
-
-  def __init__(self, source: grain.MapDataset, start: int, end: int, padded_length: int):
-    super().__init__(source)
-    self._start, self._end, self._padded_length = start, end, padded_length
-
-  def __len__(self) -> int:
-    return self._padded_length
+  def __init__(self, source: Sequence[Any], start: int, end: int):
+    self._source, self._start, self._end = source, start, end
 
   def __str__(self) -> str:
-    return f'EvalShard([{self._start}, {self._end}) padded to {self._padded_length})'
+    return f'ShardRecord([{self._start}, {self._end}))'
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return self.slice(index)
+  def __call__(self, index: int) -> dict[str, Any]:
     record_index = self._start + index
     if record_index >= self._end:
       return {'record_index': -1, 'record': None}
-    return {'record_index': record_index, 'record': self._parent[record_index]}
+    return {'record_index': record_index, 'record': self._source[record_index]}
+
+
+def eval_shard(source: Sequence[Any], start: int, end: int, padded_length: int) -> grain.MapDataset:
+  """Records [start, end) of `source`, padded to `padded_length` elements (see `_ShardRecord`)."""
+  return grain.MapDataset.range(padded_length).map(_ShardRecord(source, start, end))
 
 
 class EvalExampleTransform:
@@ -567,7 +519,7 @@ def create_eval_dataset(
   start, end = eval_shard_bounds(len(source), process_index, process_count)
   if num_threads is None:
     num_threads = _default_num_threads(num_workers)
-  ds = _EvalShard(grain.MapDataset.source(source), start, end, num_batches * local_batch)
+  ds = eval_shard(source, start, end, num_batches * local_batch)
   ds = ds.map(EvalExampleTransform(EvalTransform(image_size, crop_pct)))
   # Batching before the workers is order-safe here: a worker's slice is whole batches and grain
   # interleaves them back in order.
@@ -576,59 +528,6 @@ def create_eval_dataset(
     grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads))
   )
   return _maybe_mp_prefetch(ds, num_workers, worker_buffer_size=2)
-
-
-def create_eval_iterator(
-  *,
-  dataset: str,
-  split: str = 'validation',
-  data_dir: str | os.PathLike | None = None,
-  global_batch_size: int,
-  image_size: int = 224,
-  crop_pct: float = DEFAULT_CROP_PCT,
-  process_index: int | None = None,
-  process_count: int | None = None,
-  num_workers: int = 0,
-  num_threads: int | None = None,
-) -> grain.DatasetIterator:
-  """One pass over `split`: every record exactly once across processes, fixed batch shapes.
-
-  Args:
-    dataset, split, data_dir: the TFDS source (ArrayRecord).
-    global_batch_size: batch over all processes; must be divisible by process_count.
-    image_size, crop_pct: resize the shorter side to int(image_size / crop_pct) (bicubic), then
-      centre-crop image_size.
-    process_index, process_count: this host's index and the host count (default: jax's).
-    num_workers: grain worker processes (0: in-process threads).
-    num_threads: batches prepared concurrently per worker / in-process.
-
-  Returns:
-    A finite grain iterator of exactly `eval_num_batches(len(source), global_batch_size,
-    process_count)` dicts: image uint8 [local_batch, image_size, image_size, 3], label int32,
-    mask bool (False for padding), index int32 (-1 for padding), num_skipped int32 [local_batch].
-  """
-  from vcmamba_jax.data.datasets import get_source
-
-  source = get_source(dataset, split, data_dir)
-  return _close_at_exit(
-    iter(
-      create_eval_dataset(
-        source=source,
-        global_batch_size=global_batch_size,
-        image_size=image_size,
-        crop_pct=crop_pct,
-        process_index=process_index,
-        process_count=process_count,
-        num_workers=num_workers,
-        num_threads=num_threads,
-      )
-    )
-  )
-
-
-# ------------------------------------------------------------------------------------------------
-# Measurement.
-# ------------------------------------------------------------------------------------------------
 
 
 def measure_throughput(

@@ -6,8 +6,11 @@ from vcmamba_jax.models.scan import scan_tables, selective_scan
 from vcmamba_jax.models.vcmamba import (
   VARIANTS,
   VCMamba,
+  abstract_variables,
   grid_size,
+  num_params,
   resize_pos_embed,
+  variant_name,
   weight_decay_mask,
 )
 
@@ -30,11 +33,14 @@ __all__ = [
   'PlainMamba2D',
   'PlainMambaLayer',
   'VCMamba',
+  'abstract_variables',
   'create_model',
   'grid_size',
   'list_models',
+  'num_params',
   'resize_pos_embed',
   'scan_tables',
   'selective_scan',
+  'variant_name',
   'weight_decay_mask',
 ]

@@ -262,6 +262,29 @@ def create_model(
   )
 
 
+def abstract_variables(model: VCMamba) -> dict[str, Any]:
+  """``{'params', 'batch_stats'}`` of ``model`` as ShapeDtypeStructs (``jax.eval_shape`` of the
+  initialiser at ``img_size``: no FLOPs, no memory)."""
+  size = 32 * grid_size(model.img_size)
+  return jax.eval_shape(
+    lambda: model.init({'params': jax.random.key(0)}, jnp.zeros((1, size, size, 3)), train=False)
+  )
+
+
+def variant_name(model: VCMamba) -> str | None:
+  """The registered variant with ``model``'s depths, widths and Mamba layers, or None."""
+  structure = (tuple(model.depths), tuple(model.widths), model.num_mamba_layers)
+  for name, spec in VARIANTS.items():
+    if structure == (spec.depths, spec.widths, spec.num_mamba_layers):
+      return name
+  return None
+
+
+def num_params(tree: Any) -> int:
+  """Number of scalars in a tree of arrays (or ShapeDtypeStructs), e.g. ``variables['params']``."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
 def list_models() -> list[str]:
   return sorted(VARIANTS)
 

@@ -94,7 +94,7 @@ def create_seg_train_dataset(
   steps = base.train_steps_per_epoch(len(source), global_batch_size, 1)
   if num_threads is None:
     num_threads = base._default_num_threads(num_workers)
-  ds = base._RepeatedAugSampler(
+  ds = base.repeated_aug_sampler(
     num_records=len(source),
     seed=seed,
     repeated_aug=1,
@@ -168,7 +168,7 @@ def create_seg_eval_dataset(
   start, end = base.eval_shard_bounds(len(source), process_index, process_count)
   if num_threads is None:
     num_threads = base._default_num_threads(num_workers)
-  ds = base._EvalShard(grain.MapDataset.source(source), start, end, num_batches * local_batch)
+  ds = base.eval_shard(source, start, end, num_batches * local_batch)
   ds = ds.map(SegEvalExample(transform)).batch(local_batch, drop_remainder=True)
   ds = ds.to_iter_dataset(
     grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads))

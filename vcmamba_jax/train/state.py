@@ -52,7 +52,7 @@ class TrainState:
 
 def ema_update(ema: Any, new: Any, decay: float) -> Any:
   """ema <- decay * ema + (1 - decay) * new (timm ModelEma v1), leaf by leaf."""
-  return jax.tree.map(lambda e, n: e * decay + (1.0 - decay) * n, ema, new)
+  return optax.incremental_update(new, ema, step_size=1.0 - decay)
 
 
 def _init_compiler_options() -> dict[str, Any] | None:
