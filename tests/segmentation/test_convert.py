@@ -64,3 +64,60 @@ def test_classification_checkpoint_is_refused_with_a_hint():
 def test_unknown_model_name():
   with pytest.raises(ValueError, match='unknown segmentation model'):
     seg.create_segmentation_model('sem_fpn_vcmamba_xl')
+
+
+def _random_variables(model, size):
+  import jax
+  import jax.numpy as jnp
+
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  rng = np.random.default_rng(1)
+  return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), abstract)
+
+
+@pytest.mark.parametrize('resize', ['bicubic', 'upstream'])
+def test_init_from_classification_weights_fills_the_backbone(tmp_path, resize):
+  """init_from with ImageNet (classification) weights: the backbone is replaced strictly, the
+  7x7-style pos_embed resized to the crop's grid, the neck and head keep their init."""
+  from ml_collections import ConfigDict
+
+  from vcmamba_jax import create_model
+  from vcmamba_jax.convert import to_pytorch_state_dict
+  from vcmamba_jax.segmentation import task
+
+  classifier = create_model('vcmamba_nano', img_size=64)
+  cls_vars = _random_variables(classifier, 64)
+  path = tmp_path / 'nano_cls.npz'
+  np.savez(path, **to_pytorch_state_dict(cls_vars))
+  model = seg.create_segmentation_model('sem_fpn_vcmamba_nano', img_size=128)
+  fresh = _random_variables(model, 128)
+  config = ConfigDict(
+    {'model': {'name': 'sem_fpn_vcmamba_nano', 'img_size': 128, 'pos_embed_resize': resize}}
+  )
+  weights, description = task.load_weights(str(path), model, config, fresh=fresh)
+  out = weights['']
+  assert 'backbone' in description
+  np.testing.assert_array_equal(
+    out['params']['backbone']['stage1']['block0']['mlp']['fc1']['kernel'],
+    cls_vars['params']['stage1']['block0']['mlp']['fc1']['kernel'],
+  )
+  np.testing.assert_array_equal(
+    out['batch_stats']['backbone']['stem']['bn1']['var'],
+    cls_vars['batch_stats']['stem']['bn1']['var'],
+  )
+  np.testing.assert_array_equal(
+    out['params']['neck']['fpn_convs_0']['kernel'], fresh['params']['neck']['fpn_convs_0']['kernel']
+  )
+  pos = np.asarray(out['params']['backbone']['stage4']['pos_embed'])
+  assert pos.shape == (1, 4, 4, 64)
+  src = np.asarray(cls_vars['params']['stage4']['pos_embed']).transpose(0, 3, 1, 2)
+  if resize == 'upstream':
+    want = seg.upstream_interpolate_pos_embed(src, 4)
+  else:
+    want = seg.backbone_state_from_classification({'pos_embed': src}, 128)['backbone.pos_embed']
+  np.testing.assert_allclose(pos.transpose(0, 3, 1, 2), want, rtol=1e-6, atol=1e-6)
+  # A checkpoint of another backbone is refused.
+  other = seg.create_segmentation_model('sem_fpn_vcmamba_s', img_size=128)
+  config.model.name = 'sem_fpn_vcmamba_s'
+  with pytest.raises(CheckpointError, match='does not fit.*vcmamba_nano'):
+    task.load_weights(str(path), other, config, fresh=_random_variables(other, 128))

@@ -14,6 +14,8 @@ once across processes); mIoU/mAcc/aAcc/per-class IoU as mmseg.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -210,21 +212,33 @@ def make_eval_step(model: nn.Module, config: ConfigDict):
 def jit_eval_step(model: nn.Module, config: ConfigDict, mesh, weight_shardings):
   replicated = sharding_lib.replicated(mesh)
   return jax.jit(
-    make_eval_step(model, config),
+    sharding_lib.traced_under_mesh(make_eval_step(model, config), mesh),
     in_shardings=(weight_shardings, sharding_lib.batch_sharding(mesh)),
     out_shardings=replicated,
   )
 
 
-def run_evaluation(eval_step, weights, dataset, mesh) -> dict[str, Any]:
+def eval_source(config: ConfigDict):
+  return ade20k.get_ade20k_source(config.data.eval_split, config.data.data_dir)
+
+
+def run_evaluation(
+  eval_step, weights, dataset, mesh, num_batches: int | None = None, announce_compile: bool = True
+) -> dict[str, Any]:
   """One exact pass: int64 host sums of the per-batch areas -> mIoU, mAcc, aAcc, per-class IoU
   (``<prefix>mIoU``, ... per weight set; EMA weights get 'ema_')."""
   totals: dict[str, np.ndarray] = {}
   counts = {'num_examples': 0, 'skipped_records': 0}
   iterator = iter(dataset)
+  done = 0
   try:
     for batch in iterator:
       batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in EVAL_KEYS})
+      if done == 0 and announce_compile:
+        logging.info('Compiling the eval step (the first eval batch)...')
+      done += 1
+      if done % 100 == 0:
+        logging.info('eval: %d/%s batches', done, num_batches or '?')
       result = jax.device_get(eval_step(weights, batch))
       for key, value in result.items():
         if key in counts:
@@ -303,3 +317,73 @@ def fit_pretrained(
     config.model.pos_embed_resize,
   )
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """What ``load_weights`` read (the trainer logs ``description`` and records ``step``)."""
+
+  description: str
+  step: int | None = None
+
+
+def _is_segmentation_tree(params: Mapping[str, Any]) -> bool:
+  return 'backbone' in params and 'decode_head' in params
+
+
+def load_weights(
+  path: str,
+  model: model_lib.SemanticFPN,
+  config: ConfigDict,
+  *,
+  with_ema: bool = False,
+  reinit_heads: bool = False,
+  fresh: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], str]:
+  """Weights for ``init_from`` / ``eval_from``: a Semantic FPN (one of our segmentation runs, or
+  an mmseg state_dict with backbone.*/neck.*/decode_head.*) is loaded whole and strictly; a
+  classification source (the authors' ImageNet .pth, our classification run or exported model)
+  initialises the backbone only, the neck and head keeping ``fresh`` (the new model's init).
+
+  Returns:
+    ({'': variables, 'ema': ... (our runs with an EMA, with_ema)}, a description for logs).
+  """
+  from vcmamba_jax import checkpoint as checkpoint_lib
+  from vcmamba_jax import convert
+
+  del reinit_heads  # the head of a classifier is never used
+  found = checkpoint_lib.find_training_checkpoint(path)
+  if found is not None:
+    tree = checkpoint_lib.read_training_weights(path)
+    variables = {'params': tree['params'], 'batch_stats': tree['batch_stats']}
+    if _is_segmentation_tree(variables['params']):
+      sets = {'': variables}
+      if with_ema and tree.get('ema'):
+        sets['ema'] = tree['ema']
+      return sets, Source(f'checkpoint {found[0]}/{found[1]}', found[1])
+    read = lambda: variables
+  elif os.path.isfile(path) and any(
+    k.startswith('backbone.') for k in convert.read_state_dict(path)
+  ):
+    state = convert.read_state_dict(path)
+    if 'decode_head.conv_seg.weight' in state:  # a whole Semantic FPN
+      return {'': convert_lib.state_dict_to_variables(state, model, source=path)}, Source(path)
+    read = lambda: convert_lib.state_dict_to_variables(
+      {**convert_lib.to_mmseg_state_dict(fresh), **_backbone_only(state)}, model, source=path
+    )
+    return {'': read()}, Source(f'backbone of {path}')
+  else:
+    backbone_name = model_lib.SEG_MODELS[config.model.name]
+    read = lambda: convert.load_pretrained(path, backbone_name)[1]
+  if fresh is None:
+    raise ValueError('initialising the backbone alone needs the fresh model variables')
+  return {'': fit_pretrained(jax.device_get(fresh), read, config)}, Source(f'backbone from {path}')
+
+
+def _backbone_only(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: v for k, v in state.items() if k.startswith('backbone.')}
+
+
+def format_eval(results: Mapping[str, Any]) -> str:
+  keys = [k for k in results if k.split('/')[-1] in ('mIoU', 'mAcc', 'aAcc', 'ema_mIoU')]
+  return ', '.join(f'{k.split("/")[-1]} {100 * results[k]:.2f}' for k in keys)

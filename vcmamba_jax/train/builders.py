@@ -237,12 +237,16 @@ def jit_train_step(
   mesh: Mesh,
   shardings: state_lib.TrainState,
   teacher: distillation.Teacher | None = None,
+  task_loss_fn: steps.LossFn | None = None,
 ):
   """`train_step(state, batch, teacher_variables) -> (state, metrics)` with explicit shardings,
   state donated; `teacher_variables` is `teacher.variables` (`{}` without a teacher)."""
   return jax.jit(
     sharding_lib.traced_under_mesh(
-      steps.make_train_step(model, tx, schedule, config, teacher.model if teacher else None), mesh
+      steps.make_train_step(
+        model, tx, schedule, config, teacher.model if teacher else None, task_loss_fn
+      ),
+      mesh,
     ),
     in_shardings=(
       shardings,

@@ -115,12 +115,16 @@ def augment_batch(rng: jax.Array, batch: Batch, config: ConfigDict) -> tuple[jax
   )
 
 
+LossFn = Callable[..., tuple[jax.Array, tuple[Any, Metrics]]]
+
+
 def make_train_step(
   model: nn.Module,
   tx: optax.GradientTransformation,
   schedule: Schedule,
   config: ConfigDict,
   teacher: nn.Module | None = None,
+  task_loss_fn: LossFn | None = None,
 ) -> Callable[[TrainState, Batch, Any], tuple[TrainState, Metrics]]:
   """Returns `train_step(state, batch, teacher_variables) -> (state, metrics)`.
 
@@ -134,9 +138,13 @@ def make_train_step(
   applied), skipped_updates (total so far) and skipped_records (this batch).
   The step's randomness (augmentation, drop path) is drawn from fold_in(state.rng, state.step),
   so a resumed run repeats it exactly.
+  `task_loss_fn(params, batch_stats, batch, rng) -> (loss, (batch_stats, extra_metrics))`
+  replaces the classification loss (augmentation included) for another task, e.g.
+  segmentation; its extra metrics are reported too.
   """
   ema_decay = config.ema_decay
-  dist_head_weight = config.loss.dist_head_weight
+  # Classification only (a task_loss_fn brings its own loss and config).
+  dist_head_weight = config.loss.dist_head_weight if task_loss_fn is None else 0.0
   kind = distillation.distillation_type(config)
   if (kind != 'none') != (teacher is not None):
     raise ValueError(f'distillation.type={kind!r} and teacher={teacher!r} do not go together')
@@ -145,6 +153,12 @@ def make_train_step(
     state: TrainState, batch: Batch, teacher_variables: Any
   ) -> tuple[TrainState, Metrics]:
     step_rng = jax.random.fold_in(state.rng, state.step)
+    if task_loss_fn is not None:
+
+      def task_loss(params):
+        return task_loss_fn(params, state.batch_stats, batch, step_rng)
+
+      return _update(state, batch, task_loss)
     aug_rng, drop_path_rng = jax.random.split(step_rng)
     images, targets = augment_batch(aug_rng, batch, config)
     teacher_logits = None
@@ -171,9 +185,13 @@ def make_train_step(
           alpha=config.distillation.alpha,
           tau=config.distillation.tau,
         )
-      return loss, updates['batch_stats']
+      return loss, (updates['batch_stats'], {})
 
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return _update(state, batch, loss_fn)
+
+  def _update(state: TrainState, batch: Batch, loss_fn) -> tuple[TrainState, Metrics]:
+
+    (loss, (batch_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = global_norm(grads)
@@ -202,6 +220,7 @@ def make_train_step(
       'lr': jnp.asarray(schedule(state.step), jnp.float32),
       'update_ok': update_ok,
       'skipped_updates': new.skipped_updates,
+      **extra,
     }
     if 'num_skipped' in batch:
       metrics['skipped_records'] = jnp.sum(batch['num_skipped'])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -104,6 +105,51 @@ def run_evaluation(
 CLASS_NAMES_FILE = 'class_names.txt'
 
 
+# ------------------------------------------------------------------------------------------------
+# Tasks: what differs between classification and dense prediction, behind one interface.
+# ------------------------------------------------------------------------------------------------
+
+
+def _classification_task() -> types.SimpleNamespace:
+  def jit_eval(model, config, mesh, weight_shardings):
+    return builders.jit_eval_step(model, mesh, weight_shardings)
+
+  def load(path, model, config, *, with_ema=False, reinit_heads=False, fresh=None):
+    del fresh
+    return builders.load_weights(path, model, config, with_ema=with_ema, reinit_heads=reinit_heads)
+
+  return types.SimpleNamespace(
+    TRAIN_KEYS=builders.TRAIN_KEYS,
+    EVAL_KEYS=builders.EVAL_KEYS,
+    check_data=builders.check_num_classes,
+    train_source=builders.train_source,
+    eval_source=lambda c: builders.open_source(c, c.data.eval_split),
+    steps_per_epoch=builders.steps_per_epoch,
+    make_train_dataset=builders.make_train_dataset,
+    make_eval_dataset=builders.make_eval_dataset,
+    build_model=builders.build_model,
+    build_optimizer=builders.build_optimizer,
+    make_loss_fn=lambda model, config: None,  # the classification loss of steps.make_train_step
+    jit_eval_step=jit_eval,
+    run_evaluation=run_evaluation,
+    load_weights=load,
+    format_eval=_format_eval,
+  )
+
+
+def get_task(config: ConfigDict):
+  """The task of `config.task`: 'classification' (default) or 'segmentation'
+  (`vcmamba_jax.segmentation.task`)."""
+  name = config.get('task', 'classification')
+  if name == 'classification':
+    return _classification_task()
+  if name == 'segmentation':
+    from vcmamba_jax.segmentation import task as segmentation_task
+
+    return segmentation_task
+  raise ValueError(f"config.task must be 'classification' or 'segmentation', got {name!r}")
+
+
 def _write_class_names(config: ConfigDict, workdir: str) -> None:
   """An image folder's class names, one per line in label order, for predict.py."""
   folder = builders.image_folder(config)
@@ -132,7 +178,7 @@ def train_and_evaluate(
   hooks = hooks or Hooks()
   workdir = os.path.abspath(workdir)
   builders.check_batch_sizes(config)
-  builders.check_num_classes(config)
+  get_task(config).check_data(config)
   lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
   if lock is not None:
     lock.acquire()
@@ -169,12 +215,13 @@ def _train(
   # The teacher first: a missing teacher file stops the run before any data is read.
   teacher = distillation.load_teacher(config, mesh)
   distillation.record_teacher(teacher, workdir)
-  train_source = builders.train_source(config)
-  steps_per_epoch = builders.steps_per_epoch(config, len(train_source))
+  task = get_task(config)
+  train_source = task.train_source(config)
+  steps_per_epoch = task.steps_per_epoch(config, len(train_source))
   total_steps = builders.total_train_steps(config, steps_per_epoch)
-  eval_dataset = builders.make_eval_dataset(config)
+  eval_dataset = task.make_eval_dataset(config)
   num_eval_batches = data_lib.eval_num_batches(
-    len(builders.open_source(config, config.data.eval_split)),
+    len(task.eval_source(config)),
     config.eval_batch_size,
     jax.process_count(),
   )
@@ -189,8 +236,8 @@ def _train(
   # ----------------------------------------------------------------------------------------------
   # Model, optimizer and the sharded state: restored, pretrained or fresh.
   # ----------------------------------------------------------------------------------------------
-  model = builders.build_model(config)
-  schedule, tx = builders.build_optimizer(config, steps_per_epoch)
+  model = task.build_model(config)
+  schedule, tx = task.build_optimizer(config, steps_per_epoch)
   init, abstract_state, shardings = builders.abstract_train_state(config, model, tx, mesh)
   rng = jax.random.PRNGKey(config.seed)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
@@ -199,7 +246,7 @@ def _train(
   ckpts = checkpoint_lib.RunCheckpoints(
     workdir, keep=config.keep_checkpoints, storage_hook=hooks.storage
   )
-  train_iter = iter(builders.make_train_dataset(config, train_source))
+  train_iter = iter(task.make_train_dataset(config, train_source))
   writer = None
   try:
     restored = ckpts.restore_latest(abstract_state, shardings, train_iter)
@@ -210,7 +257,9 @@ def _train(
       logging.info('Initialising the model state (compiling the initialiser)...')
       state = state_lib.init_sharded(init, rng, shardings)
       if config.init_from:
-        weights, source = builders.load_weights(config.init_from, model, config, reinit_heads=True)
+        weights, source = task.load_weights(
+          config.init_from, model, config, reinit_heads=True, fresh=state.variables()
+        )
         state = state_lib.with_pretrained(state, shardings, weights[''])
         logging.info('Initialised the weights from %s.', source.description)
     start_step = int(jax.device_get(state.step))
@@ -268,17 +317,20 @@ def _loop(
   # ----------------------------------------------------------------------------------------------
   # Jitted steps: explicit shardings, donated state.
   # ----------------------------------------------------------------------------------------------
-  train_step = builders.jit_train_step(model, tx, schedule, config, mesh, shardings, teacher)
+  task = get_task(config)
+  train_step = builders.jit_train_step(
+    model, tx, schedule, config, mesh, shardings, teacher, task.make_loss_fn(model, config)
+  )
   eval_shardings = {'': {'params': shardings.params, 'batch_stats': shardings.batch_stats}}
   if shardings.ema:
     eval_shardings['ema'] = shardings.ema
-  eval_step = builders.jit_eval_step(model, mesh, eval_shardings)
+  eval_step = task.jit_eval_step(model, config, mesh, eval_shardings)
 
   evals_done = 0
 
   def evaluate_now(step: int) -> dict[str, Any]:
     nonlocal evals_done
-    results = run_evaluation(
+    results = task.run_evaluation(
       eval_step,
       state.eval_weights(),
       eval_dataset,
@@ -289,7 +341,7 @@ def _loop(
     evals_done += 1
     results = {f'eval/{k}': v for k, v in results.items()}
     writer.write(step, results)
-    logging.info('eval @ step %d: %s', step, _format_eval(results))
+    logging.info('eval @ step %d: %s', step, task.format_eval(results))
     return results
 
   # ----------------------------------------------------------------------------------------------
@@ -329,7 +381,7 @@ def _loop(
   for step in range(start_step + 1, total_steps + 1):
     ckpts.check()  # a failed background save stops the run here, in one line
     batch = next(train_iter)
-    batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in builders.TRAIN_KEYS})
+    batch = sharding_lib.make_global_batch(mesh, {k: batch[k] for k in task.TRAIN_KEYS})
     if not chrono.started:
       logging.info('Compiling the train step (the first step)...')
       compile_start = time.perf_counter()
@@ -352,6 +404,8 @@ def _loop(
     do_eval = is_last or (
       epoch_done and config.eval_every_epochs > 0 and epoch % config.eval_every_epochs == 0
     )
+    every_steps = config.get('eval_every_steps', 0)
+    do_eval = do_eval or (every_steps > 0 and step % every_steps == 0)
     do_save = is_last or preempted or step % config.checkpoint_every_steps == 0
     if do_eval or do_save or step % config.log_every_steps == 0:
       summary.update(flush(step))  # checks for NaN/Inf before anything is saved
@@ -374,6 +428,17 @@ def _loop(
   return summary
 
 
+_STEP_METRICS = {
+  'loss',
+  'grad_norm',
+  'param_norm',
+  'lr',
+  'update_ok',
+  'skipped_updates',
+  'skipped_records',
+}
+
+
 def _average(fetched: list[dict[str, np.ndarray]]) -> dict[str, Any]:
   """Averages over a log interval; sums the skipped records; the rest from the last step."""
   ok = [m for m in fetched if m['update_ok']]
@@ -382,6 +447,9 @@ def _average(fetched: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     values = [float(m[key]) for m in ok]
     out[key] = float(np.mean(values)) if values else float('nan')
   last = fetched[-1]
+  for key in sorted(set(last) - _STEP_METRICS):  # a task's own metrics (e.g. acc_seg)
+    values = [float(m[key]) for m in ok]
+    out[key] = float(np.mean(values)) if values else float('nan')
   out['param_norm'] = float(last['param_norm'])
   out['lr'] = float(last['lr'])
   out['skipped_updates'] = int(last['skipped_updates'])
@@ -444,22 +512,23 @@ def evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     )
 
   mesh = sharding_lib.create_mesh(config.mesh.fsdp)
-  builders.check_num_classes(config)
-  model = builders.build_model(config)
-  weights, read = builders.load_weights(source, model, config, with_ema=True)
+  task = get_task(config)
+  task.check_data(config)
+  model = task.build_model(config)
+  weights, read = task.load_weights(source, model, config, with_ema=True)
   abstract = jax.eval_shape(lambda: weights)
   weight_shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
   weights = {
     name: state_lib.put_variables(w, weight_shardings[name]) for name, w in weights.items()
   }
-  eval_step = builders.jit_eval_step(model, mesh, weight_shardings)
+  eval_step = task.jit_eval_step(model, config, mesh, weight_shardings)
   num_batches = data_lib.eval_num_batches(
-    len(builders.open_source(config, config.data.eval_split)),
+    len(task.eval_source(config)),
     config.eval_batch_size,
     jax.process_count(),
   )
-  results = run_evaluation(
-    eval_step, weights, builders.make_eval_dataset(config), mesh, num_batches=num_batches
+  results = task.run_evaluation(
+    eval_step, weights, task.make_eval_dataset(config), mesh, num_batches=num_batches
   )
   results = {f'eval/{k}': v for k, v in results.items()}
   step = read.step or 0
@@ -468,7 +537,7 @@ def evaluate(config: ConfigDict, workdir: str) -> dict[str, Any]:
     writer.write(step, {**results, 'eval/source': read.description})
   finally:
     writer.close()
-  logging.info('eval of %s: %s', read.description, _format_eval(results))
+  logging.info('eval of %s: %s', read.description, task.format_eval(results))
   if jax.process_index() == 0:
     logging.info('%s', json.dumps(results))
   return results

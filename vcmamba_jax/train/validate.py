@@ -84,8 +84,10 @@ def _non_empty_str(v):
 
 def _model_name(v):
   from vcmamba_jax.models import VARIANTS
+  from vcmamba_jax.segmentation.model import SEG_MODELS  # config.task = 'segmentation'
 
-  return None if v in VARIANTS else 'one of ' + ', '.join(sorted(VARIANTS))
+  names = sorted(VARIANTS) + sorted(SEG_MODELS)
+  return None if v in names else 'one of ' + ', '.join(names)
 
 
 def _train_steps(v):
