@@ -19,8 +19,8 @@ from ml_collections import ConfigDict
 
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax.segmentation import task as task_lib
+from vcmamba_jax.train import builders
 from vcmamba_jax.train import state as state_lib
-from vcmamba_jax.train import trainer
 from vcmamba_jax.train.benchmark import _peak_memory_bytes
 
 
@@ -71,7 +71,7 @@ def benchmark(
         'num_skipped': np.zeros((b,), np.int32),
       },
     )
-    step = trainer.jit_train_step(
+    step = builders.jit_train_step(
       model,
       tx,
       schedule,
