@@ -96,7 +96,7 @@ def test_init_from_classification_weights_fills_the_backbone(tmp_path, resize):
   )
   weights, description = task.load_weights(str(path), model, config, fresh=fresh)
   out = weights['']
-  assert 'backbone' in description
+  assert 'backbone' in description.description
   np.testing.assert_array_equal(
     out['params']['backbone']['stage1']['block0']['mlp']['fc1']['kernel'],
     cls_vars['params']['stage1']['block0']['mlp']['fc1']['kernel'],
