@@ -162,7 +162,8 @@ class DepthwiseConv(nn.Module):
   """Depthwise KxK conv with bias, stride 1, padding K//2 (torch Conv2d(C, C, K, groups=C)).
 
   The parameters are those of ``conv(C, K, groups=C, ...)`` (kernel [K, K, 1, C], bias [C],
-  PyTorch's init); the computation is ``ops.depthwise_conv``, which runs small grids as a matmul.
+  PyTorch's init); the computation is ``ops.depthwise_conv``; impl 'auto' runs the taps VJP in
+  training and XLA's convolution (cuDNN on GPUs) in inference, the faster of each on an H200.
   """
 
   kernel_size: int
@@ -170,12 +171,17 @@ class DepthwiseConv(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     channels, k = x.shape[-1], self.kernel_size
     init = torch_default_init(k * k)
     kernel = self.param('kernel', init, (k, k, 1, channels), jnp.float32)
     bias = self.param('bias', init, (channels,), jnp.float32)
-    return ops.depthwise_conv(x.astype(self.dtype), kernel, bias, impl=self.impl)
+    impl = self.impl
+    if impl == 'auto':
+      # Measured on an H200 (B, bf16): the taps VJP trains at 1,673 img/s against cuDNN's 1,085,
+      # while cuDNN's forward infers at 9,205 img/s against 8,111 for taps.
+      impl = 'taps' if train else 'xla'
+    return ops.depthwise_conv(x.astype(self.dtype), kernel, bias, impl=impl)
 
 
 class DropPath(nn.Module):
@@ -209,7 +215,7 @@ class Mlp(nn.Module):
     hidden = self.hidden_features
     x = dense(hidden, dtype=self.dtype, name='fc1')(x)
     x = BatchNorm(activation='gelu', dtype=self.dtype, name='norm1')(x, train)
-    x = DepthwiseConv(3, impl=self.depthwise_impl, dtype=self.dtype, name='mid')(x)
+    x = DepthwiseConv(3, impl=self.depthwise_impl, dtype=self.dtype, name='mid')(x, train)
     x = BatchNorm(activation='gelu', dtype=self.dtype, name='mid_norm')(x, train)
     x = dense(features, dtype=self.dtype, name='fc2')(x)
     return BatchNorm(dtype=self.dtype, name='norm2')(x, train)

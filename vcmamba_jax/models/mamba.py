@@ -77,7 +77,9 @@ class PlainMamba2D(nn.Module):
       bias_init=torch_default_init(features),
     )(x)
     x = BatchNorm(dtype=self.dtype, name='in_norm')(x, train)
-    x = DepthwiseConv(self.d_conv, impl=self.depthwise_impl, dtype=self.dtype, name='conv2d')(x)
+    x = DepthwiseConv(self.d_conv, impl=self.depthwise_impl, dtype=self.dtype, name='conv2d')(
+      x, train
+    )
     x = jax.nn.silu(x)
     tokens = x.reshape(batch, height * width, inner)  # row-major token order
 
