@@ -85,23 +85,12 @@ class BatchNorm(nn.Module):
     return ops.activate(y, self.activation).astype(self.dtype)
 
 
-class LayerNorm(nn.Module):
-  """LayerNorm over the last axis, eps 1e-5 (PyTorch), float32 statistics."""
-
-  epsilon: float = LN_EPS
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    features = x.shape[-1]
-    f32 = jnp.float32
-    scale = self.param('scale', nn.initializers.ones, (features,), f32)
-    bias = self.param('bias', nn.initializers.zeros, (features,), f32)
-    xf = x.astype(f32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(self.dtype)
+def layer_norm(dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm over the last axis as PyTorch's: eps 1e-5, two-pass float32 statistics, float32
+  scale/bias, output in ``dtype``."""
+  return nn.LayerNorm(
+    epsilon=LN_EPS, use_fast_variance=False, dtype=dtype, param_dtype=jnp.float32, name=name
+  )
 
 
 def conv(
@@ -184,22 +173,13 @@ class DepthwiseConv(nn.Module):
     return ops.depthwise_conv(x.astype(self.dtype), kernel, bias, impl=impl)
 
 
-class DropPath(nn.Module):
-  """Stochastic depth per sample (timm/mmcv): keep with prob 1-rate, scale kept samples by 1/(1-rate).
-
-  Draws from the 'drop_path' RNG stream in train mode; identity otherwise or when rate == 0.
-  """
-
-  rate: float
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if not train or self.rate == 0.0:
-      return x
-    keep_prob = 1.0 - self.rate
-    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep = jax.random.bernoulli(self.make_rng('drop_path'), keep_prob, mask_shape)
-    return jnp.where(keep, x / keep_prob, jnp.zeros_like(x)).astype(x.dtype)
+def drop_path(rate: float, x: jax.Array, train: bool) -> jax.Array:
+  """Stochastic depth per sample (timm/mmcv): in training, each sample is dropped with prob
+  ``rate`` and kept samples are scaled by 1/(1-rate), drawing from the 'drop_path' RNG stream.
+  Call it inside a compact ``__call__``: the dropout layer belongs to the caller."""
+  return nn.Dropout(rate, broadcast_dims=tuple(range(1, x.ndim)), rng_collection='drop_path')(
+    x, deterministic=not train
+  )
 
 
 class Mlp(nn.Module):
@@ -246,7 +226,7 @@ class FFNBlock(nn.Module):
       name='mlp',
     )(x, train)
     y = (y * layer_scale).astype(self.dtype)
-    return x + DropPath(self.drop_path)(y, train)
+    return x + drop_path(self.drop_path, y, train)
 
 
 class Downsample(nn.Module):

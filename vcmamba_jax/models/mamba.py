@@ -12,7 +12,6 @@ new training runs, which cannot load the released weights.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -22,18 +21,17 @@ from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.models.layers import (
   BatchNorm,
   DepthwiseConv,
-  DropPath,
   Dtype,
-  LayerNorm,
   Mlp,
   dense,
+  drop_path,
+  layer_norm,
   normal_init,
   torch_default_init,
 )
-from vcmamba_jax.models.ops import DepthwiseImpl
+from vcmamba_jax.models.options import SCAN_MODES, ComputeOptions, ScanMode
 
-ScanMode = Literal['upstream', 'corrected']
-SCAN_MODES = ('upstream', 'corrected')
+__all__ = ['SCAN_MODES', 'ComputeOptions', 'PlainMamba2D', 'PlainMambaLayer', 'ScanMode']
 D_STATE = 16
 EXPAND = 2
 D_CONV = 7
@@ -52,16 +50,12 @@ class PlainMamba2D(nn.Module):
   d_state: int = D_STATE
   expand: int = EXPAND
   d_conv: int = D_CONV
-  scan_mode: ScanMode = 'upstream'
-  scan_impl: scan_lib.ScanImpl = 'auto'
-  remat_scan: bool = True
-  depthwise_impl: DepthwiseImpl = 'auto'
+  options: ComputeOptions = ComputeOptions()
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if self.scan_mode not in SCAN_MODES:
-      raise ValueError(f'scan_mode must be one of {SCAN_MODES}, got {self.scan_mode!r}')
+    opts = self.options
     batch, height, width, features = x.shape
     inner = self.expand * features
     dt_rank = math.ceil(features / 16)
@@ -77,7 +71,7 @@ class PlainMamba2D(nn.Module):
       bias_init=torch_default_init(features),
     )(x)
     x = BatchNorm(dtype=self.dtype, name='in_norm')(x, train)
-    x = DepthwiseConv(self.d_conv, impl=self.depthwise_impl, dtype=self.dtype, name='conv2d')(
+    x = DepthwiseConv(self.d_conv, impl=opts.depthwise_impl, dtype=self.dtype, name='conv2d')(
       x, train
     )
     x = jax.nn.silu(x)
@@ -92,13 +86,13 @@ class PlainMamba2D(nn.Module):
     direction_bias = self.param('direction_Bs', normal_init, (scan_lib.NUM_DIRECTION_CODES, n), f32)
     A = -jnp.exp(a_log)
     # Upstream passes the Linear's bias again as the scan's delta bias.
-    delta_bias = dt_proj.variables['params']['bias'] if self.scan_mode == 'upstream' else None
+    delta_bias = dt_proj.variables['params']['bias'] if opts.scan_mode == 'upstream' else None
 
     orders, _, codes = scan_lib.scan_tables(height, width)
     # [B, 4, L, E]: token visited at each scan step (reversals/transposes, no gather).
     u = scan_lib.zigzag_sequences(x.reshape(batch, height, width, inner))
     dir_b = jnp.take(direction_bias, codes, axis=0)  # [4, L, N], indexed by scan step
-    if self.scan_mode == 'upstream':
+    if opts.scan_mode == 'upstream':
       delta_k = delta[:, None]  # shared by the 4 scans, raster order
       b_k = b_raster[:, None].astype(f32) + dir_b
       c_k = c_raster[:, None]
@@ -111,13 +105,13 @@ class PlainMamba2D(nn.Module):
     self.sow('intermediates', 'scan_B', b_k)
     self.sow('intermediates', 'scan_C', c_raster)
 
-    scan_fn = scan_lib.selective_scan_remat if self.remat_scan else scan_lib.selective_scan
-    y = scan_fn(u, delta_k, A, b_k, c_k, d_skip, delta_bias, impl=self.scan_impl)
+    scan_fn = scan_lib.selective_scan_remat if opts.remat_scan else scan_lib.selective_scan
+    y = scan_fn(u, delta_k, A, b_k, c_k, d_skip, delta_bias, impl=opts.scan_impl)
     self.sow('intermediates', 'scan_out', y)
     # Back to raster order and sum over directions: Y[p] = sum_k y[k, inverse[k, p]].
     y = scan_lib.zigzag_merge(y, height, width).reshape(batch, height * width, inner)
 
-    y = LayerNorm(dtype=self.dtype, name='norm')(y)
+    y = layer_norm(self.dtype, name='norm')(y)
     y = jax.nn.relu(y).reshape(batch, height, width, inner)
     y = dense(
       features,
@@ -136,31 +130,20 @@ class PlainMambaLayer(nn.Module):
 
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
-  scan_mode: ScanMode = 'upstream'
-  scan_impl: scan_lib.ScanImpl = 'auto'
-  remat_scan: bool = True
-  depthwise_impl: DepthwiseImpl = 'auto'
+  options: ComputeOptions = ComputeOptions()
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     features = x.shape[-1]
-    drop_path = DropPath(self.drop_path)
     y = BatchNorm(dtype=self.dtype, name='norm')(x, train)
-    y = PlainMamba2D(
-      scan_mode=self.scan_mode,
-      scan_impl=self.scan_impl,
-      remat_scan=self.remat_scan,
-      depthwise_impl=self.depthwise_impl,
-      dtype=self.dtype,
-      name='mamba',
-    )(y, train)
-    x = x + drop_path(y, train)
+    y = PlainMamba2D(options=self.options, dtype=self.dtype, name='mamba')(y, train)
+    x = x + drop_path(self.drop_path, y, train)
     y = BatchNorm(dtype=self.dtype, name='norm2')(x, train)
     y = Mlp(
       int(features * self.mlp_ratio),
-      depthwise_impl=self.depthwise_impl,
+      depthwise_impl=self.options.depthwise_impl,
       dtype=self.dtype,
       name='mlp',
     )(y, train)
-    return x + drop_path(y, train)
+    return x + drop_path(self.drop_path, y, train)

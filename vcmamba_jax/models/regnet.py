@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcmamba_jax.models.layers import BatchNorm, DropPath, Dtype
+from vcmamba_jax.models.layers import BatchNorm, Dtype, drop_path
 
 WIDTH_QUANTUM = 8  # block widths are multiples of 8 (pycls `q`)
 STEM_WIDTH = 32
@@ -225,7 +225,7 @@ class Bottleneck(nn.Module):
       shortcut = conv_bn(self.features, 1, stride=self.stride, relu=False, name='downsample')(
         x, train
       )
-    return jax.nn.relu(DropPath(self.drop_path)(y, train) + shortcut)
+    return jax.nn.relu(drop_path(self.drop_path, y, train) + shortcut)
 
 
 class ClassifierHead(nn.Module):

@@ -18,13 +18,14 @@ from vcmamba_jax.models.layers import (
   Downsample,
   Dtype,
   FFNBlock,
-  LayerNorm,
   Stem,
   dense,
+  layer_norm,
   normal_init,
 )
-from vcmamba_jax.models.mamba import PlainMambaLayer, ScanMode
+from vcmamba_jax.models.mamba import PlainMambaLayer
 from vcmamba_jax.models.ops import DepthwiseImpl
+from vcmamba_jax.models.options import ComputeOptions, ScanMode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +108,7 @@ class Stage(nn.Module):
   num_mamba_layers: int
   drop_path_rates: Sequence[float]
   pos_embed_grid: int | None = None
-  scan_mode: ScanMode = 'upstream'
-  scan_impl: scan_lib.ScanImpl = 'auto'
-  remat_scan: bool = True
-  depthwise_impl: DepthwiseImpl = 'auto'
+  options: ComputeOptions = ComputeOptions()
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -119,7 +117,7 @@ class Stage(nn.Module):
     for j in range(num_ffn):
       x = FFNBlock(
         drop_path=self.drop_path_rates[j],
-        depthwise_impl=self.depthwise_impl,
+        depthwise_impl=self.options.depthwise_impl,
         dtype=self.dtype,
         name=f'block{j}',
       )(x, train)
@@ -131,14 +129,53 @@ class Stage(nn.Module):
     for j in range(num_ffn, self.depth):
       x = PlainMambaLayer(
         drop_path=self.drop_path_rates[j],
-        scan_mode=self.scan_mode,
-        scan_impl=self.scan_impl,
-        remat_scan=self.remat_scan,
-        depthwise_impl=self.depthwise_impl,
+        options=self.options,
         dtype=self.dtype,
         name=f'block{j}',
       )(x, train)
     return x
+
+
+def hierarchy(
+  images: jax.Array,
+  train: bool,
+  *,
+  depths: Sequence[int],
+  widths: Sequence[int],
+  num_mamba_layers: int,
+  drop_path_rate: float,
+  pos_embed_grid: int,
+  stem_activation: str,
+  options: ComputeOptions,
+  dtype: Dtype,
+) -> tuple[jax.Array, list[jax.Array]]:
+  """Stem, then the stages (a Downsample before each after the first): ``(stem output, [stage1
+  .. stage4 outputs])``, NHWC. Called inside a compact ``__call__`` (the classifier's or the
+  segmentation backbone's), so the layers are that module's ``stem``, ``downsample2..4`` and
+  ``stage1..4``, the names of the PyTorch keys. Stochastic depth rises linearly over all blocks
+  to ``drop_path_rate``; the Mamba layers and the ``pos_embed`` of ``pos_embed_grid`` x
+  ``pos_embed_grid`` close the last stage."""
+  total_blocks = sum(depths)
+  rates = [drop_path_rate * k / max(total_blocks - 1, 1) for k in range(total_blocks)]
+  x = images.astype(dtype)
+  stem = Stem(widths[0], activation=stem_activation, dtype=dtype, name='stem')(x, train)
+  x, features, first = stem, [], 0
+  for s, (depth, width) in enumerate(zip(depths, widths), start=1):
+    if s > 1:
+      x = Downsample(width, dtype=dtype, name=f'downsample{s}')(x, train)
+    last = s == len(depths)
+    x = Stage(
+      depth=depth,
+      num_mamba_layers=num_mamba_layers if last else 0,
+      drop_path_rates=tuple(rates[first : first + depth]),
+      pos_embed_grid=pos_embed_grid if last else None,
+      options=options,
+      dtype=dtype,
+      name=f'stage{s}',
+    )(x, train)
+    first += depth
+    features.append(x)
+  return stem, features
 
 
 class VCMamba(nn.Module):
@@ -158,46 +195,39 @@ class VCMamba(nn.Module):
   drop_path_rate: float = 0.0
   mlp_ratio: float = 4.0
   stem_activation: str = 'relu'
+  # The fields of ComputeOptions (models/options.py), flat so that create_model takes them.
   scan_mode: ScanMode = 'upstream'
   scan_impl: scan_lib.ScanImpl = 'auto'
   remat_scan: bool = True
   depthwise_impl: DepthwiseImpl = 'auto'
   dtype: Dtype = jnp.float32
 
+  @property
+  def options(self) -> ComputeOptions:
+    return ComputeOptions(self.scan_mode, self.scan_impl, self.remat_scan, self.depthwise_impl)
+
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
     _check_images(images)
     if self.mlp_ratio != 4.0:
       raise ValueError('only mlp_ratio=4 is implemented (as in every released variant)')
-    total_blocks = sum(self.depths)
-    rates = [self.drop_path_rate * k / max(total_blocks - 1, 1) for k in range(total_blocks)]
-    out: dict[str, Any] = {}
-    x = images.astype(self.dtype)
-    x = Stem(self.widths[0], activation=self.stem_activation, dtype=self.dtype, name='stem')(
-      x, train
+    stem, stages = hierarchy(
+      images,
+      train,
+      depths=self.depths,
+      widths=self.widths,
+      num_mamba_layers=self.num_mamba_layers,
+      drop_path_rate=self.drop_path_rate,
+      pos_embed_grid=grid_size(self.img_size),
+      stem_activation=self.stem_activation,
+      options=self.options,
+      dtype=self.dtype,
     )
-    out['stem'] = x
-    first = 0
-    for s, (depth, width) in enumerate(zip(self.depths, self.widths), start=1):
-      if s > 1:
-        x = Downsample(width, dtype=self.dtype, name=f'downsample{s}')(x, train)
-      last = s == len(self.depths)
-      x = Stage(
-        depth=depth,
-        num_mamba_layers=self.num_mamba_layers if last else 0,
-        drop_path_rates=tuple(rates[first : first + depth]),
-        pos_embed_grid=grid_size(self.img_size) if last else None,
-        scan_mode=self.scan_mode,
-        scan_impl=self.scan_impl,
-        remat_scan=self.remat_scan,
-        depthwise_impl=self.depthwise_impl,
-        dtype=self.dtype,
-        name=f'stage{s}',
-      )(x, train)
-      first += depth
-      out[f'stage{s}'] = x
+    out: dict[str, Any] = {'stem': stem}
+    out.update({f'stage{s}': x for s, x in enumerate(stages, start=1)})
+    x = stages[-1]
     batch, height, width, channels = x.shape
-    tokens = LayerNorm(dtype=jnp.float32, name='norm')(x.reshape(batch, height * width, channels))
+    tokens = layer_norm(jnp.float32, name='norm')(x.reshape(batch, height * width, channels))
     features = jnp.mean(tokens, axis=1)
     out['pre_logits'] = features
     head = dense(self.num_classes, dtype=jnp.float32, name='head')(features)
@@ -220,6 +250,25 @@ def _check_images(images: jax.Array) -> None:
     )
   if shape[1] < 32 or shape[2] < 32:
     raise ValueError(f'images must be at least 32x32, got {shape[1]}x{shape[2]}')
+
+
+def variant_fields(
+  spec: VariantSpec, module: type[nn.Module], kwargs: dict[str, Any], what: str
+) -> dict[str, Any]:
+  """``module``'s fields for a variant: its depths/widths/Mamba layers updated by ``kwargs``,
+  which must name fields of ``module`` (an error lists the valid ones); the options are checked
+  here rather than at the first call."""
+  fields = {f.name for f in dataclasses.fields(module)} - {'parent', 'name'}
+  unknown = set(kwargs) - fields
+  if unknown:
+    raise TypeError(f'unknown {what} options {sorted(unknown)}; valid: {sorted(fields)}')
+  config = dict(depths=spec.depths, widths=spec.widths, num_mamba_layers=spec.num_mamba_layers)
+  config.update(kwargs)
+  if config['num_mamba_layers'] > config['depths'][-1]:
+    raise ValueError('num_mamba_layers cannot exceed the depth of the last stage')
+  option_names = {f.name for f in dataclasses.fields(ComputeOptions)}
+  ComputeOptions(**{k: v for k, v in config.items() if k in option_names})
+  return config
 
 
 def create_model(
@@ -246,17 +295,9 @@ def create_model(
   """
   if name not in VARIANTS:
     raise ValueError(f'unknown model {name!r}; available: {sorted(VARIANTS)}')
-  spec = VARIANTS[name]
-  fields = {f.name for f in dataclasses.fields(VCMamba)} - {'parent', 'name'}
-  unknown = set(kwargs) - fields
-  if unknown:
-    raise TypeError(f'unknown model options {sorted(unknown)}; valid: {sorted(fields)}')
+  config = variant_fields(VARIANTS[name], VCMamba, kwargs, 'model')
   if isinstance(dtype, str):
     dtype = jnp.dtype(dtype)
-  config = dict(depths=spec.depths, widths=spec.widths, num_mamba_layers=spec.num_mamba_layers)
-  config.update(kwargs)
-  if config['num_mamba_layers'] > config['depths'][-1]:
-    raise ValueError('num_mamba_layers cannot exceed the depth of the last stage')
   return VCMamba(
     num_classes=num_classes, img_size=img_size, drop_path_rate=drop_path_rate, dtype=dtype, **config
   )

@@ -10,7 +10,6 @@ a correct bicubic resize of the embedding on the fly (upstream raises instead).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -21,15 +20,9 @@ import jax.numpy as jnp
 
 from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.models import vcmamba as vcmamba_lib
-from vcmamba_jax.models.layers import (
-  BatchNorm,
-  Downsample,
-  Dtype,
-  Stem,
-  conv,
-  dense,
-)
-from vcmamba_jax.models.mamba import ScanMode
+from vcmamba_jax.models.layers import BatchNorm, Dtype, conv, dense
+from vcmamba_jax.models.ops import DepthwiseImpl
+from vcmamba_jax.models.options import ComputeOptions, ScanMode
 from vcmamba_jax.segmentation.resize import resize
 
 FPN_CHANNELS = 256
@@ -67,35 +60,23 @@ class VCMambaBackbone(nn.Module):
   scan_mode: ScanMode = 'upstream'
   scan_impl: scan_lib.ScanImpl = 'auto'
   remat_scan: bool = True
+  depthwise_impl: DepthwiseImpl = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> list[jax.Array]:
-    total_blocks = sum(self.depths)
-    rates = [self.drop_path_rate * k / max(total_blocks - 1, 1) for k in range(total_blocks)]
-    x = images.astype(self.dtype)
-    x = Stem(self.widths[0], activation=self.stem_activation, dtype=self.dtype, name='stem')(
-      x, train
+    _, features = vcmamba_lib.hierarchy(
+      images,
+      train,
+      depths=self.depths,
+      widths=self.widths,
+      num_mamba_layers=self.num_mamba_layers,
+      drop_path_rate=self.drop_path_rate,
+      pos_embed_grid=pos_embed_grid(self.img_size),
+      stem_activation=self.stem_activation,
+      options=ComputeOptions(self.scan_mode, self.scan_impl, self.remat_scan, self.depthwise_impl),
+      dtype=self.dtype,
     )
-    features = []
-    first = 0
-    for s, (depth, width) in enumerate(zip(self.depths, self.widths), start=1):
-      if s > 1:
-        x = Downsample(width, dtype=self.dtype, name=f'downsample{s}')(x, train)
-      last = s == len(self.depths)
-      x = vcmamba_lib.Stage(
-        depth=depth,
-        num_mamba_layers=self.num_mamba_layers if last else 0,
-        drop_path_rates=tuple(rates[first : first + depth]),
-        pos_embed_grid=pos_embed_grid(self.img_size) if last else None,
-        scan_mode=self.scan_mode,
-        scan_impl=self.scan_impl,
-        remat_scan=self.remat_scan,
-        dtype=self.dtype,
-        name=f'stage{s}',
-      )(x, train)
-      first += depth
-      features.append(x)
     return features
 
 
@@ -247,21 +228,14 @@ def create_segmentation_model(
     dropout_ratio: channel dropout before ``conv_seg`` (mmseg: 0.1).
     dtype: compute dtype; parameters, norms and the logits stay float32.
     **backbone_kwargs: other ``VCMambaBackbone`` fields (depths, widths, num_mamba_layers,
-      stem_activation, scan_mode, scan_impl, remat_scan).
+      stem_activation, scan_mode, scan_impl, remat_scan, depthwise_impl).
   """
   if name not in SEG_MODELS:
     raise ValueError(f'unknown segmentation model {name!r}; available: {sorted(SEG_MODELS)}')
   spec = vcmamba_lib.VARIANTS[SEG_MODELS[name]]
-  fields = {f.name for f in dataclasses.fields(VCMambaBackbone)} - {'parent', 'name'}
-  unknown = set(backbone_kwargs) - fields
-  if unknown:
-    raise TypeError(
-      f'unknown segmentation model options {sorted(unknown)}; valid: {sorted(fields)}'
-    )
+  config = vcmamba_lib.variant_fields(spec, VCMambaBackbone, backbone_kwargs, 'segmentation model')
   if isinstance(dtype, str):
     dtype = jnp.dtype(dtype)
-  config = dict(depths=spec.depths, widths=spec.widths, num_mamba_layers=spec.num_mamba_layers)
-  config.update(backbone_kwargs)
   backbone = VCMambaBackbone(
     img_size=img_size, drop_path_rate=drop_path_rate, dtype=dtype, **config
   )

@@ -1,0 +1,41 @@
+"""How a VCMamba model computes, not what it computes: one frozen object that the model builds
+from its public fields and hands down to its stages and Mamba layers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, get_args
+
+from vcmamba_jax.models.ops import DepthwiseImpl
+from vcmamba_jax.models.scan import SCAN_IMPLS, ScanImpl
+
+ScanMode = Literal['upstream', 'corrected']
+SCAN_MODES = ('upstream', 'corrected')
+DEPTHWISE_IMPLS = get_args(DepthwiseImpl)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeOptions:
+  """Options shared by every layer that has them.
+
+  scan_mode: 'upstream' reproduces the released models (quirks in models/mamba.py), 'corrected'
+    permutes delta/B/C with u and applies the dt bias once (cannot load the released weights).
+  scan_impl: the selective scan's implementation (models/scan.py: 'auto' picks per platform).
+  remat_scan: recompute the scan's states in the backward pass instead of keeping them.
+  depthwise_impl: the depthwise convolutions' implementation (models/ops.py; 'auto' = taps VJP
+    in training, XLA's convolution in inference).
+  """
+
+  scan_mode: ScanMode = 'upstream'
+  scan_impl: ScanImpl = 'auto'
+  remat_scan: bool = True
+  depthwise_impl: DepthwiseImpl = 'auto'
+
+  def __post_init__(self):
+    for name, valid in (
+      ('scan_mode', SCAN_MODES),
+      ('scan_impl', SCAN_IMPLS),
+      ('depthwise_impl', DEPTHWISE_IMPLS),
+    ):
+      if getattr(self, name) not in valid:
+        raise ValueError(f'{name} must be one of {valid}, got {getattr(self, name)!r}')
