@@ -71,3 +71,13 @@ def test_bad_topology_and_batch_are_clear_errors():
   config.global_batch_size = 6
   with pytest.raises(ValueError, match='does not divide over the 4 chips'):
     aot.compile_for_topology(config, TOPOLOGY)
+
+
+@pytest.mark.parametrize('topology, chips', [('v4:2x2x1', 4), ('v5p:2x2x1', 4), ('v6e:2x2', 4)])
+def test_one_device_per_chip_on_every_generation(topology, chips):
+  # v4's libtpu topology lists both TensorCores of a chip unless asked for megacore, which is
+  # what a v4 VM runs and what JAX's meshes need.
+  devices, chip = aot.topology_devices(topology)
+  assert len(devices) == chips
+  assert {d.core_on_chip for d in devices} == {0}
+  assert len({tuple(d.coords) for d in devices}) == chips

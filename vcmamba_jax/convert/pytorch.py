@@ -14,6 +14,7 @@ variant (and any depth/width override) without a hand-written key table:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import re
@@ -299,6 +300,48 @@ def checkpoint_geometry(state: Mapping[str, np.ndarray]) -> dict[str, int]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyDiff:
+  """How a checkpoint's tensors differ from a model's (key -> shape on both sides)."""
+
+  expected: Mapping[str, tuple[int, ...]]
+  given: Mapping[str, tuple[int, ...]]
+
+  @property
+  def missing(self) -> list[str]:
+    return sorted(set(self.expected) - set(self.given))
+
+  @property
+  def unexpected(self) -> list[str]:
+    return sorted(set(self.given) - set(self.expected))
+
+  @property
+  def mismatched(self) -> list[str]:
+    common = set(self.expected) & set(self.given)
+    return sorted(k for k in common if self.expected[k] != self.given[k])
+
+  def __bool__(self) -> bool:
+    return bool(self.missing or self.unexpected or self.mismatched)
+
+  def error(self, lines: list[str]) -> CheckpointError:
+    """``lines`` (the headline and hints) followed by the offending keys, 12 of each at most."""
+    lines = list(lines)
+    expected, given = self.expected, self.given
+    for title, keys, fmt in (
+      ('missing keys', self.missing, lambda k: f'{k} {expected[k]}'),
+      ('unexpected keys', self.unexpected, lambda k: f'{k} {given[k]}'),
+      (
+        'shape mismatches',
+        self.mismatched,
+        lambda k: f'{k}: checkpoint {given[k]} vs model {expected[k]}',
+      ),
+    ):
+      if keys:
+        more = f' (+{len(keys) - 12} more)' if len(keys) > 12 else ''
+        lines.append(f'{title} ({len(keys)}): {", ".join(fmt(k) for k in keys[:12])}{more}')
+    return CheckpointError('\n  '.join(lines))
+
+
 def state_dict_to_variables(
   state: Mapping[str, np.ndarray], model, *, source: str = 'checkpoint'
 ) -> dict[str, Any]:
@@ -310,10 +353,9 @@ def state_dict_to_variables(
   """
   expected = expected_state_dict_shapes(model)
   given = {k: tuple(np.shape(v)) for k, v in state.items() if not k.endswith('num_batches_tracked')}
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  mismatched = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
-  if missing or unexpected or mismatched:
+  diff = KeyDiff(expected, given)
+  if diff:
+    mismatched = diff.mismatched
     lines = [f'{source} does not fit this model']
     guess = guess_variant(state)
     model_sig = _variant_signature(expected)
@@ -323,7 +365,7 @@ def state_dict_to_variables(
       != model_sig
     ):
       lines[0] += f': it looks like a {guess} checkpoint; pass name={guess!r}'
-    elif guess is None and (missing or unexpected):
+    elif guess is None and (diff.missing or diff.unexpected):
       lines[0] += ' (its structure matches no registered variant)'
     if 'pos_embed' in mismatched and given['pos_embed'][-1] != expected['pos_embed'][-1]:
       grid = given['pos_embed'][-1]  # a different resolution, not a different width
@@ -337,19 +379,7 @@ def state_dict_to_variables(
         f'head has {given["head.weight"][0]} classes, the model '
         f'{expected["head.weight"][0]}: pass num_classes={given["head.weight"][0]}'
       )
-
-    def show(title, keys, fmt):
-      if keys:
-        shown = ', '.join(fmt(k) for k in keys[:12])
-        more = f' (+{len(keys) - 12} more)' if len(keys) > 12 else ''
-        lines.append(f'{title} ({len(keys)}): {shown}{more}')
-
-    show('missing keys', missing, lambda k: f'{k} {expected[k]}')
-    show('unexpected keys', unexpected, lambda k: f'{k} {given[k]}')
-    show(
-      'shape mismatches', mismatched, lambda k: f'{k}: checkpoint {given[k]} vs model {expected[k]}'
-    )
-    raise CheckpointError('\n  '.join(lines))
+    raise diff.error(lines)
 
   abstract = vcmamba_lib.abstract_variables(model)
   variables = {}

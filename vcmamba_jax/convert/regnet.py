@@ -81,10 +81,9 @@ def state_dict_to_variables(
   state = regnet_lib.checkpoint_filter_fn(state)
   expected = expected_state_dict_shapes(model)
   given = {k: tuple(np.shape(v)) for k, v in state.items()}
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  mismatched = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
-  if missing or unexpected or mismatched:
+  diff = pytorch_lib.KeyDiff(expected, given)
+  if diff:
+    mismatched = diff.mismatched
     lines = [f'{source} does not fit this RegNet']
     guess = _guess_variant(given)
     if guess is not None and regnet_lib.stage_specs(regnet_lib.VARIANTS[guess]) != tuple(
@@ -96,18 +95,7 @@ def state_dict_to_variables(
         f'head has {given["head.fc.weight"][0]} classes, the model '
         f'{expected["head.fc.weight"][0]}: pass num_classes={given["head.fc.weight"][0]}'
       )
-
-    def show(title, keys, fmt):
-      if keys:
-        more = f' (+{len(keys) - 12} more)' if len(keys) > 12 else ''
-        lines.append(f'{title} ({len(keys)}): {", ".join(fmt(k) for k in keys[:12])}{more}')
-
-    show('missing keys', missing, lambda k: f'{k} {expected[k]}')
-    show('unexpected keys', unexpected, lambda k: f'{k} {given[k]}')
-    show(
-      'shape mismatches', mismatched, lambda k: f'{k}: checkpoint {given[k]} vs model {expected[k]}'
-    )
-    raise pytorch_lib.CheckpointError('\n  '.join(lines))
+    raise diff.error(lines)
 
   variables = {}
   for collection in ('params', 'batch_stats'):

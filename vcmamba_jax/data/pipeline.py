@@ -63,7 +63,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -400,15 +400,43 @@ def create_train_dataset(
   """
   if repeated_aug < 1:
     raise ValueError(f'repeated_aug must be >= 1, got {repeated_aug}')
-  process_index, process_count = _process_layout(process_index, process_count)
-  local_batch = _local_batch_size(global_batch_size, process_count)
-  num_records = len(source)
-  steps = train_steps_per_epoch(num_records, global_batch_size, repeated_aug)
   if transform is None:
     transform = TrainTransform(image_size, randaugment=randaugment)
+  return batched_train_stream(
+    len(source),
+    TrainBatchBuilder(source, transform, seed),
+    global_batch_size=global_batch_size,
+    seed=seed,
+    repeated_aug=repeated_aug,
+    num_workers=num_workers,
+    num_threads=num_threads,
+    process_index=process_index,
+    process_count=process_count,
+    prefetch_batches=prefetch_batches,
+  )
+
+
+def batched_train_stream(
+  num_records: int,
+  builder: Callable[[np.ndarray], dict[str, np.ndarray]],
+  *,
+  global_batch_size: int,
+  seed: int,
+  repeated_aug: int,
+  num_workers: int,
+  num_threads: int | None,
+  process_index: int | None,
+  process_count: int | None,
+  prefetch_batches: int,
+) -> grain.IterDataset:
+  """The infinite training stream of this process: ``builder`` (a grain map from one local batch
+  of sampler positions/records to a batch of arrays, e.g. ``TrainBatchBuilder``) over the
+  repeated-augmentation sampler, in threads, then in worker processes when ``num_workers``."""
+  process_index, process_count = _process_layout(process_index, process_count)
+  local_batch = _local_batch_size(global_batch_size, process_count)
+  steps = train_steps_per_epoch(num_records, global_batch_size, repeated_aug)
   if num_threads is None:
     num_threads = _default_num_threads(num_workers)
-
   # Whole batches are built where the work happens (worker processes, or threads in-process):
   # batch k is a pure function of (seed, k), so the output does not depend on num_workers
   # (worker w builds batches w, w + W, ... and grain interleaves them back in order), and only
@@ -422,14 +450,13 @@ def create_train_dataset(
     process_index=process_index,
     process_count=process_count,
   )
-  ds = ds.map(TrainBatchBuilder(source, transform, seed))
+  ds = ds.map(builder)
   ds = ds.to_iter_dataset(
     grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads)
     )
   )
-  ds = _maybe_mp_prefetch(ds, num_workers, worker_buffer_size=max(1, prefetch_batches))
-  return ds
+  return _maybe_mp_prefetch(ds, num_workers, worker_buffer_size=max(1, prefetch_batches))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 from flax import traverse_util
 
 from vcmamba_jax.convert import pytorch as pytorch_lib
-from vcmamba_jax.convert.pytorch import CheckpointError
+from vcmamba_jax.convert.pytorch import CheckpointError, KeyDiff
 from vcmamba_jax.models import vcmamba as vcmamba_lib
 from vcmamba_jax.segmentation import model as model_lib
 
@@ -164,10 +164,9 @@ def state_dict_to_variables(
       'checkpoint. Load it with vcmamba_jax.load_pytorch_weights, or start a segmentation '
       'training from it with --config.init_from (its backbone initialises the Semantic FPN).'
     )
-  missing = sorted(set(expected) - set(given))
-  unexpected = sorted(set(given) - set(expected))
-  mismatched = sorted(k for k in set(expected) & set(given) if expected[k] != given[k])
-  if missing or unexpected or mismatched:
+  diff = KeyDiff(expected, given)
+  if diff:
+    mismatched = diff.mismatched
     lines = [f'{source} does not fit this Semantic FPN model']
     guess = _guess_seg_variant(state)
     own = _guess_seg_variant({k: np.empty(s) for k, s in expected.items()})
@@ -183,19 +182,7 @@ def state_dict_to_variables(
     if 'decode_head.conv_seg.weight' in mismatched:
       n = given['decode_head.conv_seg.weight'][0]
       lines.append(f'the head has {n} classes, the model {model.num_classes}: pass num_classes={n}')
-
-    def show(title, keys, fmt):
-      if keys:
-        shown = ', '.join(fmt(k) for k in keys[:12])
-        more = f' (+{len(keys) - 12} more)' if len(keys) > 12 else ''
-        lines.append(f'{title} ({len(keys)}): {shown}{more}')
-
-    show('missing keys', missing, lambda k: f'{k} {expected[k]}')
-    show('unexpected keys', unexpected, lambda k: f'{k} {given[k]}')
-    show(
-      'shape mismatches', mismatched, lambda k: f'{k}: checkpoint {given[k]} vs model {expected[k]}'
-    )
-    raise CheckpointError('\n  '.join(lines))
+    raise diff.error(lines)
 
   abstract = _abstract_variables(model)
   variables = {}

@@ -89,27 +89,18 @@ def create_seg_train_dataset(
   prefetch_batches: int = 2,
 ) -> grain.IterDataset:
   """Infinite deterministic training stream (a pure function of seed and step)."""
-  process_index, process_count = base._process_layout(process_index, process_count)
-  local_batch = base._local_batch_size(global_batch_size, process_count)
-  steps = base.train_steps_per_epoch(len(source), global_batch_size, 1)
-  if num_threads is None:
-    num_threads = base._default_num_threads(num_workers)
-  ds = base.repeated_aug_sampler(
-    num_records=len(source),
+  return base.batched_train_stream(
+    len(source),
+    SegTrainBatchBuilder(source, transform, seed),
+    global_batch_size=global_batch_size,
     seed=seed,
     repeated_aug=1,
-    positions_per_epoch=steps * global_batch_size,
-    local_batch=local_batch,
+    num_workers=num_workers,
+    num_threads=num_threads,
     process_index=process_index,
     process_count=process_count,
+    prefetch_batches=prefetch_batches,
   )
-  ds = ds.map(SegTrainBatchBuilder(source, transform, seed))
-  ds = ds.to_iter_dataset(
-    grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=max(prefetch_batches, num_threads)
-    )
-  )
-  return base._maybe_mp_prefetch(ds, num_workers, worker_buffer_size=max(1, prefetch_batches))
 
 
 class SegEvalExample:

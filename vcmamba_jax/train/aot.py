@@ -115,9 +115,12 @@ def topology_devices(topology: str) -> tuple[list[Any], Chip]:
   # libtpu takes a host-wide lock when it loads, which would serialise compiles (and fail a
   # second one); compiling touches no TPU, so sharing is safe.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  # v4's two TensorCores per chip run as one JAX device (megacore), as on a v4 TPU VM; libtpu's
+  # topology would otherwise list one device per core, which JAX's meshes refuse.
+  options = {'chip_config_name': 'megacore'} if topology.startswith('v4:') else {}
   try:
     with _libtpu_noise_filtered():
-      desc = topologies.get_topology_desc(topology_name=topology, platform='tpu')
+      desc = topologies.get_topology_desc(topology_name=topology, platform='tpu', **options)
   except Exception as e:
     raise ValueError(
       f'cannot describe TPU topology {topology!r}: {e}. Compiling for a TPU needs libtpu: '
