@@ -14,10 +14,10 @@ Expected: 82.6% ImageNet-1k top-1 (paper); with soft distillation from DeiT's Re
 teacher as the authors (download https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth;
 --config.distillation.type=none trains without it, on labels only: expect a little less).
 Raw and EMA weights are evaluated every epoch.
-img/s (one H200, bf16, synthetic data, no teacher, scripts/benchmark.py, 2026-12-02): 1,673
-img/s train (76.5 ms/step of 128, peak 11.24 GiB), 9,205 img/s eval (batch 256); with the teacher
-not measured. README "Speed" has the table.
-Time: 300 epochs at that rate on 8 such GPUs, ~9 h of compute (if it scales linearly).
+img/s (one H200, bf16, synthetic data, batch 128 train / 256 eval, scripts/benchmark.py,
+2026-12-02): 1,659 img/s train (77.2 ms/step, peak 11.24 GiB), 10,981 img/s eval; with the
+RegNetY-160 teacher (soft, teacher in bf16) 1,303 img/s train (peak 12.47 GiB). README "Speed".
+Time: 300 epochs with the teacher at that rate on 8 such GPUs, ~10 h (if it scales linearly).
 
 Smoke test (about a minute on a laptop CPU, mostly compilation; vcmamba_nano at 32 px on the
 offline digits data, the recipe's code paths unchanged):

@@ -14,9 +14,10 @@ Expected: 81.5% ImageNet-1k top-1 (paper); with soft distillation from DeiT's Re
 teacher as the authors (download https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth;
 --config.distillation.type=none trains without it, on labels only: expect a little less).
 Raw and EMA weights are evaluated every epoch.
-img/s (one H200, bf16, synthetic data, no teacher, scripts/benchmark.py, 2026-12-02): 2,045
-img/s train (62.6 ms/step of 128, peak 8.47 GiB), 10,583 img/s eval (batch 256, depthwise taps). README "Speed" has the table.
-Time: 300 epochs at that rate on 8 such GPUs, ~7 h of compute (if it scales linearly).
+img/s (one H200, bf16, synthetic data, batch 128 train / 256 eval, scripts/benchmark.py,
+2026-12-02 (train/eval of an earlier build of the same day)): 2,045 img/s train (62.6 ms/step, peak 8.47 GiB), 10,583 img/s eval; with the
+RegNetY-160 teacher (soft, teacher in bf16) 1,507 img/s train (peak 9.46 GiB). README "Speed".
+Time: 300 epochs with the teacher at that rate on 8 such GPUs, ~9 h (if it scales linearly).
 
 Smoke test (about a minute on a laptop CPU, mostly compilation; vcmamba_nano at 32 px on the
 offline digits data, the recipe's code paths unchanged):

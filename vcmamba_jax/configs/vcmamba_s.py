@@ -14,10 +14,10 @@ Expected: 78.7% ImageNet-1k top-1 (paper); with soft distillation from DeiT's Re
 teacher as the authors (download https://dl.fbaipublicfiles.com/deit/regnety_160-a5fe301d.pth;
 --config.distillation.type=none trains without it, on labels only: expect a little less).
 Raw and EMA weights are evaluated every epoch.
-img/s (one H200, bf16, synthetic data, no teacher, scripts/benchmark.py): 2,173 img/s train (58.9
-ms/step of 128, peak 7.7 GiB), 14,768 img/s eval (batch 256); not re-measured after issue 10's
-changes. README "Speed" has the table.
-Time: 300 epochs at that rate on 8 such GPUs, ~6 h of compute (if it scales linearly).
+img/s (one H200, bf16, synthetic data, batch 128 train / 256 eval, scripts/benchmark.py,
+2026-12-02): 2,650 img/s train (48.3 ms/step, peak 5.66 GiB), 19,534 img/s eval; with the
+RegNetY-160 teacher (soft, teacher in bf16) 1,993 img/s train (peak 6.35 GiB). README "Speed".
+Time: 300 epochs with the teacher at that rate on 8 such GPUs, ~7 h (if it scales linearly).
 
 Smoke test (about a minute on a laptop CPU, mostly compilation; vcmamba_nano at 32 px on the
 offline digits data, the recipe's code paths unchanged):
