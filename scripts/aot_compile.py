@@ -52,7 +52,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _TABLE_FROM.value:
     with open(_TABLE_FROM.value) as f:
-      print(aot.markdown_table(json.load(f)))
+      reports = json.load(f)
+    print(aot.markdown_table(reports))
+    print('\nLargest batch per chip, estimated from these compiles:\n')
+    print(aot.capacity_table(reports))
     return
   if not _CONFIG.value or not _TOPOLOGY.value:
     raise app.UsageError('--config and --topology are required')

@@ -81,3 +81,30 @@ def test_one_device_per_chip_on_every_generation(topology, chips):
   assert len(devices) == chips
   assert {d.core_on_chip for d in devices} == {0}
   assert len({tuple(d.coords) for d in devices}) == chips
+
+
+def test_capacity_estimate_is_linear_in_the_batch_and_fsdp_saves_the_state():
+  gib = 2**30
+  report = {
+    'model': 'vcmamba_b',
+    'topology': 'v5e:4x4',
+    'per_chip_batch': 64,
+    'state_bytes_per_chip': 1 * gib,
+    'train': {
+      'memory': {'total': 8 * gib, 'temporaries': 6 * gib},  # 2 GiB fixed, 96 MiB per image
+      'flops': 64e12,
+      'bytes_accessed': 64e9,
+    },
+  }
+  data = aot.estimate_capacity(report, 'v5e:16x16', fsdp=False)
+  # 0.9 * 16 GiB = 14.4 GiB; (14.4 - 2) GiB / 96 MiB = 132.3 -> 128 (multiple of 8).
+  assert data['per_chip_batch'] == 128 and data['chips'] == 256
+  assert data['memory_per_chip'] == 2 * gib + 128 * 6 * gib / 64
+  # 1 TFLOP and 1 GB per image: 128 TFLOP / 197 TFLOP/s = 0.65 s > 128 GB / 819 GB/s = 0.16 s.
+  assert data['bound_by'] == 'compute'
+  assert abs(data['step_time_bound_s'] - 128e12 / 197e12) < 1e-9
+  fsdp = aot.estimate_capacity(report, 'v5e:16x16', fsdp=True)
+  # The state shrinks to 1/256: (14.4 - 2 + 255/256) GiB / 96 MiB = 142.9 -> 136.
+  assert fsdp['per_chip_batch'] == 136
+  # A bigger chip holds more: v5p's 95 GiB.
+  assert aot.estimate_capacity(report, 'v5p:4x4x4', fsdp=False)['per_chip_batch'] == 888

@@ -450,3 +450,88 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
       f'{t["compile_seconds"]:.0f} |'
     )
   return '\n'.join(rows)
+
+
+# Slices of the README's TPU table: Cloud TPU name -> topology.
+README_SLICES = {
+  'v4-32': 'v4:2x2x4',
+  'v5e-64': 'v5e:8x8',
+  'v5e-256': 'v5e:16x16',
+  'v5p-128': 'v5p:4x4x4',
+  'v6e-64': 'v6e:8x8',
+}
+
+
+def estimate_capacity(
+  report: dict[str, Any], topology: str, *, fsdp: bool, headroom: float = 0.9, multiple: int = 8
+) -> dict[str, Any]:
+  """Largest per-chip train batch that fits ``topology`` and its step-time bound, extrapolated
+  from one compiled train step (``report``, of the same model and dtype on any slice).
+
+  The model: a compiled step's per-chip memory is a fixed part (arguments, outputs, code: the
+  train state) plus temporaries linear in the per-chip batch (activations), which holds for
+  data parallelism because each chip runs the same program on its own images, whatever the
+  slice. With fsdp over all chips, the state part shrinks by (1 - 1/chips) of the train state
+  (arrays below ``mesh.fsdp_min_size`` stay whole: an upper bound of the saving). The batch is
+  the largest multiple of ``multiple`` within ``headroom`` of the chip's HBM. FLOPs and HBM
+  bytes per image are the compiled step's; the bound is max(FLOPs / bf16 peak, bytes / HBM
+  bandwidth) at that batch (no collectives, no kernel-internal work of the Pallas scan).
+  """
+  chip, chips = parse_topology(topology)
+  train = report['train']
+  batch = report['per_chip_batch']
+  memory = train['memory']
+  per_image = memory['temporaries'] / batch
+  fixed = memory['total'] - memory['temporaries']
+  if fsdp:
+    fixed -= report['state_bytes_per_chip'] * (1 - 1 / chips)
+  budget = headroom * chip.hbm_bytes - fixed
+  max_batch = int(budget // per_image) // multiple * multiple if budget > 0 else 0
+  flops = train['flops'] / batch * max_batch
+  moved = train['bytes_accessed'] / batch * max_batch
+  compute_s = flops / (chip.peak_bf16_tflops * 1e12)
+  memory_s = moved / (chip.hbm_gbytes_per_s * 1e9)
+  step_s = max(compute_s, memory_s)
+  return {
+    'model': report['model'],
+    'topology': topology,
+    'chips': chips,
+    'mesh': 'fsdp' if fsdp else 'data',
+    'per_chip_batch': max_batch,
+    'memory_per_chip': fixed + per_image * max_batch,
+    'hbm_per_chip': chip.hbm_bytes,
+    'gflop_per_step_chip': flops / 1e9,
+    'step_time_bound_s': step_s,
+    'bound_by': 'compute' if compute_s >= memory_s else 'hbm',
+    'img_per_s_bound': chips * max_batch / step_s if step_s else 0.0,
+    'from': f'{report["topology"]} at {batch}/chip',
+  }
+
+
+def capacity_table(reports: list[dict[str, Any]], slices: dict[str, str] = README_SLICES) -> str:
+  """README table: for each model and slice, ``estimate_capacity`` from the compiled report of
+  the same chip generation where one exists (else of any generation: then the per-image memory
+  of another chip's compile, marked), data parallel and fsdp over all chips."""
+  rows = [
+    '| model | slice | mesh | max batch/chip (est.) | memory/chip (HBM) | GFLOP/step/chip | '
+    'step-time bound | img/s bound (slice) | from the compile of |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
+  by_model: dict[str, dict[str, dict[str, Any]]] = {}
+  for r in reports:
+    if 'memory' in r.get('train', {}) and r.get('dtype') == 'bfloat16':
+      by_model.setdefault(r['model'], {}).setdefault(r['topology'].split(':')[0], r)
+  for model in sorted(by_model):
+    for name, topology in slices.items():
+      generation = topology.split(':')[0]
+      source = by_model[model].get(generation) or next(iter(by_model[model].values()))
+      for fsdp in (False, True):
+        e = estimate_capacity(source, topology, fsdp=fsdp)
+        mark = '' if source['topology'].startswith(generation + ':') else ' (other chip)'
+        rows.append(
+          f'| {model} | {name} | {e["mesh"]} | {e["per_chip_batch"]} | '
+          f'{_size(e["memory_per_chip"])} ({_size(e["hbm_per_chip"])}) | '
+          f'{e["gflop_per_step_chip"]:.0f} | {e["step_time_bound_s"] * 1e3:.0f} ms '
+          f'({e["bound_by"]}) | {e["img_per_s_bound"]:,.0f} | {e["from"]}{mark} |'
+        )
+  return '\n'.join(rows)
