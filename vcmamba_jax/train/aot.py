@@ -29,7 +29,6 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from vcmamba_jax import sharding as sharding_lib
-from vcmamba_jax.models import regnet
 from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.train import builders, distillation, optim, steps
 from vcmamba_jax.train import state as state_lib
@@ -328,15 +327,14 @@ def _abstract_teacher(config: ConfigDict, mesh) -> distillation.Teacher | None:
   distillation.check_config(config)
   if distillation.distillation_type(config) == 'none':
     return None
-  d = config.distillation
-  model = regnet.create_model(d.teacher, num_classes=config.model.num_classes, dtype=d.dtype)
-  abstract = jax.eval_shape(distillation._random_init_program(model), jax.random.key(0))
-  if d.fsdp:
-    shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
-  else:
-    shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract)
+  model, abstract, shardings = distillation.teacher_layout(config, mesh)
   return distillation.Teacher(
-    d.teacher, model, _with_shardings(abstract, shardings), shardings, 'shapes only', ''
+    config.distillation.teacher,
+    model,
+    _with_shardings(abstract, shardings),
+    shardings,
+    'shapes only',
+    '',
   )
 
 

@@ -169,6 +169,19 @@ def _random_init_program(model: nn.Module):
   return init
 
 
+def teacher_layout(config: ConfigDict, mesh: Mesh) -> tuple[nn.Module, Any, Any]:
+  """``(model, abstract variables, shardings)`` of ``config.distillation``'s teacher on ``mesh``:
+  replicated, or sharded over the fsdp axis with ``distillation.fsdp``. No FLOPs, no memory."""
+  d = config.distillation
+  model = regnet.create_model(d.teacher, num_classes=config.model.num_classes, dtype=d.dtype)
+  abstract = jax.eval_shape(_random_init_program(model), jax.random.key(0))
+  if d.fsdp:
+    shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
+  else:
+    shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract)
+  return model, abstract, shardings
+
+
 def load_teacher(config: ConfigDict, mesh: Mesh) -> Teacher | None:
   """The frozen teacher of `config.distillation` on `mesh` (None when type is 'none').
 
@@ -179,12 +192,7 @@ def load_teacher(config: ConfigDict, mesh: Mesh) -> Teacher | None:
   if distillation_type(config) == 'none':
     return None
   d = config.distillation
-  model = regnet.create_model(d.teacher, num_classes=config.model.num_classes, dtype=d.dtype)
-  abstract = jax.eval_shape(_random_init_program(model), jax.random.key(0))
-  if d.fsdp:
-    shardings = sharding_lib.state_shardings(mesh, abstract, config.mesh.fsdp_min_size)
-  else:
-    shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract)
+  model, _, shardings = teacher_layout(config, mesh)
   if d.teacher_path == RANDOM_TEACHER:
     rng = jax.random.fold_in(jax.random.key(config.seed), 0x7EAC)
     variables = jax.jit(
