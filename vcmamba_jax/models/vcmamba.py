@@ -289,8 +289,8 @@ def create_model(
     drop_path_rate: stochastic depth of the last block (linear over all blocks).
     dtype: compute dtype (e.g. jnp.bfloat16); parameters, norms and the scan state stay float32.
     **kwargs: other ``VCMamba`` fields: depths, widths, num_mamba_layers, scan_mode
-      ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'fused';
-      'auto' = the fused Pallas kernel on GPUs, else associative_scan), remat_scan,
+      ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'chunked' |
+      'fused' | 'pallas_tpu'; 'auto' = models.scan.resolve_auto), remat_scan,
       depthwise_impl ('auto' = 'taps' | 'xla' | 'matmul', see models/ops.py), stem_activation.
   """
   if name not in VARIANTS:
