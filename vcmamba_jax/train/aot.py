@@ -420,10 +420,10 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
   """README table of recorded reports (one row each; see scripts/aot_compile.py --table_from)."""
   gib = _size
   rows = [
-    '| model | slice | mesh | dtype | batch/chip | scan | params+opt/chip | '
+    '| model | teacher | slice | mesh | dtype | batch/chip | scan | params+opt/chip | '
     'train memory/chip (HBM) | fits | '
     'GFLOP/step/chip | GB moved/step/chip | step-time bound | all-reduce MiB/chip | compile s |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in reports:
     t = r['train']
@@ -431,16 +431,17 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
     chips, prefix = r['chips'], r['topology'].split(':')[0]
     # Cloud TPU names count TensorCores for v4/v5p (2 per chip), chips for v5e/v6e.
     slice_name = f'{prefix}-{chips * (2 if prefix in ("v4", "v5p") else 1)}'
+    teacher = 'none' if r.get('distillation', 'none') == 'none' else r['distillation']
     if 'memory' not in t:
       rows.append(
-        f'| {r["model"]} | {slice_name} | {mesh} | {r["dtype"]} | {r["per_chip_batch"]} | '
+        f'| {r["model"]} | {teacher} | {slice_name} | {mesh} | {r["dtype"]} | {r["per_chip_batch"]} | '
         f'{r["scan_impl"]} | {gib(r["params_opt_bytes_per_chip"])} | out of memory | False | | | '
         f'| | {t["compile_seconds"]:.0f} |'
       )
       continue
     allreduce = t['collectives'].get('all-reduce', {}).get('bytes', 0) / 2**20
     rows.append(
-      f'| {r["model"]} | {slice_name} | {mesh} | {r["dtype"]} | {r["per_chip_batch"]} | '
+      f'| {r["model"]} | {teacher} | {slice_name} | {mesh} | {r["dtype"]} | {r["per_chip_batch"]} | '
       f'{r["scan_impl"]} | {gib(r["params_opt_bytes_per_chip"])} | '
       f'{gib(t["memory"]["total"])} ({gib(r["hbm_per_chip"])}) | '
       f'{r["fits"]} | {t["flops"] / 1e9:.2f} | {t["bytes_accessed"] / 1e9:.2f} | '
@@ -506,10 +507,15 @@ def estimate_capacity(
   }
 
 
-def capacity_table(reports: list[dict[str, Any]], slices: dict[str, str] = README_SLICES) -> str:
-  """README table: for each model and slice, ``estimate_capacity`` from the compiled report of
-  the same chip generation where one exists (else of any generation: then the per-image memory
-  of another chip's compile, marked), data parallel and fsdp over all chips."""
+def capacity_table(
+  reports: list[dict[str, Any]],
+  slices: dict[str, str] = README_SLICES,
+  distillation: str = 'soft',
+) -> str:
+  """README table: for each model and slice, ``estimate_capacity`` from the compiled bf16
+  report (train step with ``distillation``, the recipe's by default) of the same chip
+  generation where one exists (else of another generation, marked), data parallel and fsdp
+  over all chips."""
   rows = [
     '| model | slice | mesh | max batch/chip (est.) | memory/chip (HBM) | GFLOP/step/chip | '
     'step-time bound | img/s bound (slice) | from the compile of |',
@@ -517,7 +523,11 @@ def capacity_table(reports: list[dict[str, Any]], slices: dict[str, str] = READM
   ]
   by_model: dict[str, dict[str, dict[str, Any]]] = {}
   for r in reports:
-    if 'memory' in r.get('train', {}) and r.get('dtype') == 'bfloat16':
+    if (
+      'memory' in r.get('train', {})
+      and r.get('dtype') == 'bfloat16'
+      and r.get('distillation', 'none') == distillation
+    ):
       by_model.setdefault(r['model'], {}).setdefault(r['topology'].split(':')[0], r)
   for model in sorted(by_model):
     for name, topology in slices.items():
