@@ -108,3 +108,26 @@ def test_capacity_estimate_is_linear_in_the_batch_and_fsdp_saves_the_state():
   assert fsdp['per_chip_batch'] == 136
   # A bigger chip holds more: v5p's 95 GiB.
   assert aot.estimate_capacity(report, 'v5p:4x4x4', fsdp=False)['per_chip_batch'] == 888
+
+
+def test_capacity_estimate_from_two_compiles_uses_the_line_through_them():
+  gib = 2**30
+
+  def report(batch, total):
+    return {
+      'model': 'vcmamba_b',
+      'topology': 'v5e:2x2',
+      'per_chip_batch': batch,
+      'state_bytes_per_chip': gib,
+      'train': {
+        'memory': {'total': total, 'temporaries': total - gib},
+        'flops': 1.0,
+        'bytes_accessed': 1.0,
+      },
+    }
+
+  # 4 GiB at 64, 6 GiB at 128: 1/32 GiB per image over a 2 GiB base; (14.4 - 2) * 32 = 396.8.
+  e = aot.estimate_capacity(report(64, 4 * gib), 'v5e:2x2', fsdp=False, second=report(128, 6 * gib))
+  assert e['per_chip_batch'] == 392
+  # One compile alone: proportional temporaries (3 GiB per 64 images), so fewer fit.
+  assert aot.estimate_capacity(report(64, 4 * gib), 'v5e:2x2', fsdp=False)['per_chip_batch'] == 280
