@@ -9,12 +9,10 @@ Shapes: batch 64, 4 directions, 7x7 = 49 tokens, E = 1024 channels, d_state 16, 
 
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 r"""Top kernels of the train and eval steps by device time, named by the model code they run.
 
-  python scripts/profile_step.py --config=configs/vcmamba_b.py --config.model.dtype=bfloat16 \
+  python scripts/profile_step.py --config=vcmamba_jax/configs/vcmamba_b.py --config.model.dtype=bfloat16 \
       --config.distillation.type=none --config.global_batch_size=128 --config.eval_batch_size=256 \
       --json_out=profile_b.json
 
@@ -27,12 +27,9 @@ if '--keep_command_buffers' not in sys.argv:  # must precede the first jax impor
     os.environ.get('XLA_FLAGS', '') + ' --xla_gpu_enable_command_buffer='
   ).strip()
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-
-import jax
 
 from vcmamba_jax.train import benchmark as benchmark_lib
 from vcmamba_jax.train import metrics as metrics_lib
