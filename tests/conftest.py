@@ -9,6 +9,8 @@
 import os
 import tempfile
 
+import pytest
+
 _DEVICE_FLAG = '--xla_force_host_platform_device_count'
 if _DEVICE_FLAG not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_DEVICE_FLAG}=8'.strip()
@@ -19,3 +21,49 @@ os.environ.setdefault('HF_HUB_DISABLE_TELEMETRY', '1')
 os.environ.setdefault(
   'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'vcmamba_jax_test_xla_cache')
 )
+
+
+# ------------------------------------------------------------------------------------------------
+# Parallel runs (pytest-xdist, `-n auto --dist loadgroup` in pyproject.toml): a test module is
+# the unit of work, so that its module fixtures (a training run, a TPU compile) are built once.
+# Modules that share an expensive session fixture run in one worker, and the longest units
+# start first (longest-processing-time-first: the last unit to start is then a short one).
+# ------------------------------------------------------------------------------------------------
+
+# Modules sharing `reference_run` (tests/train/conftest.py: a whole smoke training run).
+_SHARED = {
+  'tests/train/test_trainer.py': 'reference_run',
+  'tests/train/test_robustness.py': 'reference_run',
+  'tests/train/test_init_from.py': 'reference_run',
+}
+# The longest units, longest first (seconds of a cold run on 2 cores, 2026-12-06); the others
+# keep their collection order after them.
+_LONGEST_FIRST = (
+  'reference_run',
+  'tests/train/test_distillation.py',
+  'tests/segmentation/test_train.py',
+  'tests/train/test_finetune.py',
+  'tests/tpu/test_aot.py',
+  'tests/train/test_sharding.py',
+  'tests/segmentation/test_golden.py',
+  'tests/models/test_golden.py',
+  'tests/models/test_scan.py',
+  'tests/tpu/test_scan_tpu.py',
+)
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto`: one worker per core, at most 4 (each compiles on one core and holds a few GB;
+  more workers would build the shared fixtures more often than they save)."""
+  return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+  def unit(item):
+    module = item.nodeid.split('::')[0]
+    return _SHARED.get(module, module)
+
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(unit(item), len(rank)))  # stable: in-module order kept
+  for item in items:
+    item.add_marker(pytest.mark.xdist_group(unit(item)))

@@ -1,4 +1,5 @@
-"""scripts/benchmark.py runs on CPU with the smoke config (no timing assertions)."""
+"""scripts/benchmark.py runs on CPU with the smoke config and a small random teacher (no timing
+assertions)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def test_benchmark_reports_every_measurement(imagenet_dir, tmp_path):
       '--config.data.dataset=imagenet2012',
       f'--config.data.data_dir={imagenet_dir}',
       '--config.model.num_classes=1000',
+      # The recipe's step: soft distillation from a (small, random) RegNet teacher.
+      '--config.distillation.type=soft',
+      '--config.distillation.teacher=regnety_002',
+      '--config.distillation.teacher_path=random',
       '--steps=2',
       '--warmup_steps=1',
       '--peak_tflops=1.0',
@@ -35,7 +40,10 @@ def test_benchmark_reports_every_measurement(imagenet_dir, tmp_path):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'train_synthetic' in result.stdout and 'MFU' in result.stdout
+  assert 'soft distillation from regnety_002 float32' in result.stdout
   report = json.loads(out.read_text())
+  assert report['config']['distillation'] == 'soft'
+  assert report['config']['teacher'] == 'regnety_002 float32'
   assert report['device']['count'] == 8 and report['device']['peak_tflops'] == 1.0
   results = report['results']
   assert set(results) == {'train_synthetic', 'eval_synthetic', 'train_real', 'pipeline'}

@@ -1,6 +1,7 @@
 """DeiT distillation: the loss against the authors' PyTorch formula, the teacher's start-up
 errors and placement, and a smoke run with a small random teacher (learns, resumes exactly, keeps
-the teacher out of the optimizer state and the checkpoints)."""
+the teacher out of the optimizer state and the checkpoints). The benchmark with a teacher:
+tests/train/test_benchmark.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.train.smoke import NUM_TRAIN_STEPS, smoke_config
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax import train
 from vcmamba_jax.convert import regnet as regnet_convert
-from vcmamba_jax.train import benchmark, distillation, steps
+from vcmamba_jax.train import distillation, steps
 from vcmamba_jax.train.metrics import read_metrics
 
 torch = pytest.importorskip('torch')
@@ -248,12 +249,3 @@ def test_teacher_from_a_file_is_placed_replicated_or_fsdp_sharded(
     jax.device_get(from_hub.variables),
     jax.device_get(random_teacher.variables),
   )
-
-
-def test_benchmark_measures_the_step_with_a_teacher(imagenet_dir):
-  config = smoke_config(imagenet_dir, **SMALL_TEACHER)
-  report = benchmark.benchmark(config, num_steps=1, warmup=1, modes=['train_synthetic'])
-  assert report['config']['distillation'] == 'soft'
-  assert report['config']['teacher'] == 'regnety_002 float32'
-  assert report['results']['train_synthetic']['img_per_sec'] > 0
-  assert 'soft distillation from regnety_002 float32' in benchmark.format_table(report)

@@ -121,26 +121,26 @@ def test_one_step_on_8_devices_equals_one_step_on_1_device():
   )
   mu_ref = reference_state.opt_state[0].mu
   grad_scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(mu_ref))  # 0.1 * max|g|
-  for mesh, fsdp_min_size in (
-    (sharding_lib.create_mesh(), 2**14),
-    (sharding_lib.create_mesh(fsdp=2), 0),
+  # One 8-device program with both axes (data 4 x fsdp 2; arrays of 2**10+ elements sharded,
+  # the small ones replicated): the batch split 8 ways, BatchNorm statistics over all of it,
+  # and parameters, moments and EMA split over fsdp. (Data parallelism alone over 8 devices
+  # is the trainer tests' program.)
+  state, metrics = _one_step(sharding_lib.create_mesh(fsdp=2), fsdp_min_size=2**10)
+  # Same loss: the augmentation randomness and the BatchNorm statistics are global.
+  np.testing.assert_allclose(metrics['loss'], reference['loss'], rtol=1e-5)
+  np.testing.assert_allclose(metrics['grad_norm'], reference['grad_norm'], rtol=1e-5)
+  for new, ref in zip(
+    jax.tree.leaves(state.batch_stats), jax.tree.leaves(reference_state.batch_stats)
   ):
-    state, metrics = _one_step(mesh, fsdp_min_size)
-    # Same loss: the augmentation randomness and the BatchNorm statistics are global.
-    np.testing.assert_allclose(metrics['loss'], reference['loss'], rtol=1e-5)
-    np.testing.assert_allclose(metrics['grad_norm'], reference['grad_norm'], rtol=1e-5)
-    for new, ref in zip(
-      jax.tree.leaves(state.batch_stats), jax.tree.leaves(reference_state.batch_stats)
-    ):
-      np.testing.assert_allclose(new, ref, rtol=1e-5, atol=1e-5)
-    for new, ref in zip(jax.tree.leaves(state.opt_state[0].mu), jax.tree.leaves(mu_ref)):
-      np.testing.assert_allclose(new, ref, rtol=0, atol=1e-4 * grad_scale)
-    # Adam's first update is lr * g / (|g| + eps): ~ +-lr whatever |g| is, so entries whose true
-    # gradient is 0 (biases before a BatchNorm) move by +-lr on float noise. Compare the others.
-    for new, ref, mu in zip(
-      jax.tree.leaves(state.params),
-      jax.tree.leaves(reference_state.params),
-      jax.tree.leaves(mu_ref),
-    ):
-      determined = np.abs(mu) > 1e-3 * grad_scale
-      np.testing.assert_allclose(new[determined], ref[determined], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(new, ref, rtol=1e-5, atol=1e-5)
+  for new, ref in zip(jax.tree.leaves(state.opt_state[0].mu), jax.tree.leaves(mu_ref)):
+    np.testing.assert_allclose(new, ref, rtol=0, atol=1e-4 * grad_scale)
+  # Adam's first update is lr * g / (|g| + eps): ~ +-lr whatever |g| is, so entries whose true
+  # gradient is 0 (biases before a BatchNorm) move by +-lr on float noise. Compare the others.
+  for new, ref, mu in zip(
+    jax.tree.leaves(state.params),
+    jax.tree.leaves(reference_state.params),
+    jax.tree.leaves(mu_ref),
+  ):
+    determined = np.abs(mu) > 1e-3 * grad_scale
+    np.testing.assert_allclose(new[determined], ref[determined], rtol=0, atol=1e-6)

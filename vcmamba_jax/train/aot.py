@@ -14,6 +14,7 @@ this host, whose default backend is not the target's.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import re
 import sys
@@ -282,7 +283,11 @@ def compile_for_topology(
     'per_chip_batch': int(config.global_batch_size // num_chips),
     'scan_impl': scan_impl,
     'remat_scan': bool(config.model.remat_scan),
+    'jax': jax.__version__,
+    'libtpu': _libtpu_version(),
     'hbm_per_chip': chip.hbm_bytes,
+    'state_bytes': _total_bytes(abstract_state),
+    'params_opt_bytes': _total_bytes((abstract_state.params, abstract_state.opt_state)),
     'state_bytes_per_chip': _per_chip_bytes(abstract_state, shardings),
     'params_opt_bytes_per_chip': _per_chip_bytes(
       (abstract_state.params, abstract_state.opt_state),
@@ -338,6 +343,21 @@ def _abstract_teacher(config: ConfigDict, mesh) -> distillation.Teacher | None:
   )
 
 
+def _total_bytes(abstract: Any) -> int:
+  return sum(
+    int(np.prod(x.shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(abstract)
+  )
+
+
+def _libtpu_version() -> str:
+  """The libtpu that compiled (results depend on it: libtpu 0.0.42.1 crashed on B for v6e)."""
+  try:
+    return importlib.metadata.version('libtpu')
+  except importlib.metadata.PackageNotFoundError:
+    return 'unknown'
+
+
 def _per_chip_bytes(abstract: Any, shardings: Any) -> int:
   total = 0
   for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
@@ -390,7 +410,8 @@ def format_report(report: dict[str, Any]) -> str:
     f'{report["model"]} ({report["dtype"]}, distillation {report["distillation"]}) on '
     f'{report["topology"]}: {report["chips"]} x '
     f'{report["chip_kind"]}, mesh {report["mesh"]}, {report["per_chip_batch"]} images per chip '
-    f'(global {report["global_batch"]}), scan {report["scan_impl"]}',
+    f'(global {report["global_batch"]}), scan {report["scan_impl"]}; jax '
+    f'{report.get("jax", "?")}, libtpu {report.get("libtpu", "?")}',
     f'params + optimizer per chip: {gib(report["params_opt_bytes_per_chip"])}; whole train state '
     f'per chip: {gib(report["state_bytes_per_chip"])}',
   ]
