@@ -13,8 +13,8 @@ pytest.importorskip('libtpu')
 # e.g. scripts/aot_compile.py, may be running on this host).
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
-from vcmamba_jax.configs import vcmamba_s
-from vcmamba_jax.train import aot
+from vcmamba_jax.configs import vcmamba_b, vcmamba_s
+from vcmamba_jax.train import aot, builders
 
 TOPOLOGY = 'v5e:2x2'  # 4 chips, one host
 
@@ -68,6 +68,19 @@ def test_bad_topology_and_batch_are_clear_errors():
   config.global_batch_size = 6
   with pytest.raises(ValueError, match='does not divide over the 4 chips'):
     aot.compile_for_topology(config, TOPOLOGY)
+
+
+def test_known_libtpu_crash_is_refused_with_the_fix(monkeypatch):
+  # libtpu 0.0.42.1 segfaults compiling B's train step for v6e; 0.0.48.1 and 0.0.52 compile it.
+  config = vcmamba_b.get_config()
+  monkeypatch.setattr(builders, 'libtpu_version', lambda: '0.0.42.1')
+  with pytest.raises(RuntimeError, match=r'pip install "libtpu>=0\.0\.48\.1"'):
+    aot.compile_for_topology(config, 'v6e:2x2')  # refused before anything is built
+  for version in ('0.0.48.1', '0.0.52'):
+    builders.check_compiler(config, 'TPU v6 lite', version)
+  builders.check_compiler(config, 'TPU v5 lite', '0.0.42.1')  # v5e compiles B
+  builders.check_compiler(vcmamba_s.get_config(), 'TPU v6 lite', '0.0.42.1')  # and v6e S
+  builders.check_compiler(config, 'NVIDIA H200', None)
 
 
 @pytest.mark.parametrize('topology, chips', [('v4:2x2x1', 4), ('v5p:2x2x1', 4), ('v6e:2x2', 4)])

@@ -14,7 +14,6 @@ this host, whose default backend is not the target's.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import re
 import sys
@@ -256,6 +255,7 @@ def compile_for_topology(
         f'{topology}; use a multiple of {num_chips} (e.g. --per_chip_batch=N sets '
         f'{num_chips}*N).'
       )
+  builders.check_compiler(config, devices[0].device_kind, builders.libtpu_version())
   scan_impl = resolve_scan_impl(config)
   config.model.scan_impl = scan_impl
   mesh = sharding_lib.create_mesh(config.mesh.fsdp, devices=devices)
@@ -284,7 +284,7 @@ def compile_for_topology(
     'scan_impl': scan_impl,
     'remat_scan': bool(config.model.remat_scan),
     'jax': jax.__version__,
-    'libtpu': _libtpu_version(),
+    'libtpu': builders.libtpu_version() or 'unknown',
     'hbm_per_chip': chip.hbm_bytes,
     'state_bytes': _total_bytes(abstract_state),
     'params_opt_bytes': _total_bytes((abstract_state.params, abstract_state.opt_state)),
@@ -348,14 +348,6 @@ def _total_bytes(abstract: Any) -> int:
     int(np.prod(x.shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
     for x in jax.tree.leaves(abstract)
   )
-
-
-def _libtpu_version() -> str:
-  """The libtpu that compiled (results depend on it: libtpu 0.0.42.1 crashed on B for v6e)."""
-  try:
-    return importlib.metadata.version('libtpu')
-  except importlib.metadata.PackageNotFoundError:
-    return 'unknown'
 
 
 def _per_chip_bytes(abstract: Any, shardings: Any) -> int:

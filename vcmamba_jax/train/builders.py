@@ -8,6 +8,7 @@ flow: mesh -> input pipeline -> model/optimizer -> sharded state -> jitted steps
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -73,6 +74,46 @@ def check_batch_sizes(config: ConfigDict) -> None:
         f'config.{name}={size} must be a positive multiple of the number of '
         f'devices ({jax.device_count()}).'
       )
+
+
+# TPU compiler releases that crash (a segmentation fault inside libtpu) on a program of ours, and
+# the first release seen to compile it: (TPU generation, model name suffix, first good libtpu).
+# Found by compiling for the topology on a CPU host (scripts/aot_compile.py): libtpu 0.0.42.1
+# (jax 0.10.2's) crashes on VCMamba-B's train step for v6e (the backward pass of its E = 1024
+# Mamba layers); 0.0.48.1 (jax 0.11.2's) and 0.0.52 compile it.
+LIBTPU_CRASHES = (('TPU v6', 'vcmamba_b', (0, 0, 48, 1)),)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+  return tuple(int(part) for part in version.split('.') if part.isdigit())
+
+
+def check_compiler(config: ConfigDict, device_kind: str, libtpu_version: str | None) -> None:
+  """Refuses, with the fix, a TPU program that this libtpu is known to crash on (a segmentation
+  fault of the compiler would end the run with no message). `libtpu_version`: None when unknown."""
+  if not libtpu_version or not device_kind.startswith('TPU'):
+    return
+  for generation, model_suffix, first_good in LIBTPU_CRASHES:
+    if (
+      device_kind.startswith(generation)
+      and config.model.name.endswith(model_suffix)
+      and _version_tuple(libtpu_version) < first_good
+    ):
+      good = '.'.join(map(str, first_good))
+      raise RuntimeError(
+        f'libtpu {libtpu_version} crashes compiling {config.model.name} for {device_kind} '
+        f'(a known compiler bug, fixed by libtpu {good}). Install a newer one, then rerun: '
+        f'pip install "libtpu>={good}" (on Python 3.12+, pip install "jax[tpu]>=0.11.2" '
+        'brings it).'
+      )
+
+
+def libtpu_version() -> str | None:
+  """The installed libtpu's version, or None."""
+  try:
+    return importlib.metadata.version('libtpu')
+  except importlib.metadata.PackageNotFoundError:
+    return None
 
 
 def check_num_classes(config: ConfigDict) -> None:
