@@ -9,7 +9,7 @@
 import os
 import tempfile
 
-import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 _DEVICE_FLAG = '--xla_force_host_platform_device_count'
 if _DEVICE_FLAG not in os.environ.get('XLA_FLAGS', ''):
@@ -24,10 +24,10 @@ os.environ.setdefault(
 
 
 # ------------------------------------------------------------------------------------------------
-# Parallel runs (pytest-xdist, `-n auto --dist loadgroup` in pyproject.toml): a test module is
+# Parallel runs (pytest-xdist, `-n auto --dist loadscope` in pyproject.toml): a test module is
 # the unit of work, so that its module fixtures (a training run, a TPU compile) are built once.
-# Modules that share an expensive session fixture run in one worker, and the longest units
-# start first (longest-processing-time-first: the last unit to start is then a short one).
+# Modules that share an expensive session fixture form one unit, and the longest units start
+# first (longest-processing-time-first: the last unit to start is then a short one).
 # ------------------------------------------------------------------------------------------------
 
 # Modules sharing `reference_run` (tests/train/conftest.py: a whole smoke training run).
@@ -42,14 +42,30 @@ _LONGEST_FIRST = (
   'reference_run',
   'tests/train/test_distillation.py',
   'tests/segmentation/test_train.py',
-  'tests/train/test_finetune.py',
-  'tests/tpu/test_aot.py',
   'tests/train/test_sharding.py',
+  'tests/tpu/test_aot.py',
+  'tests/train/test_finetune.py',
   'tests/segmentation/test_golden.py',
   'tests/models/test_golden.py',
   'tests/models/test_scan.py',
   'tests/tpu/test_scan_tpu.py',
 )
+
+
+def _unit(nodeid: str) -> str:
+  module = nodeid.split('::')[0]
+  return _SHARED.get(module, module)
+
+
+class _ModuleUnits(LoadScopeScheduling):
+  """xdist's scope scheduling with `_unit` as the scope (its own is the module or class)."""
+
+  def _split_scope(self, nodeid: str) -> str:
+    return _unit(nodeid)
+
+
+def pytest_xdist_make_scheduler(config, log):
+  return _ModuleUnits(config, log)
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -59,11 +75,5 @@ def pytest_xdist_auto_num_workers(config):
 
 
 def pytest_collection_modifyitems(config, items):
-  def unit(item):
-    module = item.nodeid.split('::')[0]
-    return _SHARED.get(module, module)
-
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(unit(item), len(rank)))  # stable: in-module order kept
-  for item in items:
-    item.add_marker(pytest.mark.xdist_group(unit(item)))
+  items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))  # stable: module order kept
