@@ -100,6 +100,9 @@ def create_manager(
   )
 
 
+_ARRAY_HANDLER_REGISTERED = False
+
+
 def _use_array_handler() -> None:
   """Registers (once per process, for every orbax user in it) orbax's jax.Array handler with
   replica-parallel saving only for slices of at least REPLICA_PARALLEL_MIN_SLICE_BYTES. Orbax's
@@ -111,9 +114,6 @@ def _use_array_handler() -> None:
     )
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
     _ARRAY_HANDLER_REGISTERED = True
-
-
-_ARRAY_HANDLER_REGISTERED = False
 
 
 def save(
