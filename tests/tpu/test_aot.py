@@ -80,7 +80,7 @@ def test_known_libtpu_crash_is_refused_with_the_fix(monkeypatch):
     builders.check_compiler(config, 'TPU v6 lite', version)
   builders.check_compiler(config, 'TPU v5 lite', '0.0.42.1')  # v5e compiles B
   builders.check_compiler(vcmamba_s.get_config(), 'TPU v6 lite', '0.0.42.1')  # and v6e S
-  builders.check_compiler(config, 'NVIDIA H200', None)
+  builders.check_compiler(config, 'NVIDIA H200')  # not a TPU
 
 
 @pytest.mark.parametrize('topology, chips', [('v4:2x2x1', 4), ('v5p:2x2x1', 4), ('v6e:2x2', 4)])

@@ -255,7 +255,7 @@ def compile_for_topology(
         f'{topology}; use a multiple of {num_chips} (e.g. --per_chip_batch=N sets '
         f'{num_chips}*N).'
       )
-  builders.check_compiler(config, devices[0].device_kind, builders.libtpu_version())
+  builders.check_compiler(config, devices[0].device_kind)
   scan_impl = resolve_scan_impl(config)
   config.model.scan_impl = scan_impl
   mesh = sharding_lib.create_mesh(config.mesh.fsdp, devices=devices)
@@ -286,8 +286,8 @@ def compile_for_topology(
     'jax': jax.__version__,
     'libtpu': builders.libtpu_version() or 'unknown',
     'hbm_per_chip': chip.hbm_bytes,
-    'state_bytes': _total_bytes(abstract_state),
-    'params_opt_bytes': _total_bytes((abstract_state.params, abstract_state.opt_state)),
+    'state_bytes': _per_chip_bytes(abstract_state),
+    'params_opt_bytes': _per_chip_bytes((abstract_state.params, abstract_state.opt_state)),
     'state_bytes_per_chip': _per_chip_bytes(abstract_state, shardings),
     'params_opt_bytes_per_chip': _per_chip_bytes(
       (abstract_state.params, abstract_state.opt_state),
@@ -343,18 +343,14 @@ def _abstract_teacher(config: ConfigDict, mesh) -> distillation.Teacher | None:
   )
 
 
-def _total_bytes(abstract: Any) -> int:
-  return sum(
-    int(np.prod(x.shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
-    for x in jax.tree.leaves(abstract)
-  )
-
-
-def _per_chip_bytes(abstract: Any, shardings: Any) -> int:
+def _per_chip_bytes(abstract: Any, shardings: Any | None = None) -> int:
+  """Bytes of `abstract`'s arrays on one chip under `shardings` (None: the whole arrays)."""
+  leaves = jax.tree.leaves(abstract)
+  shards = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
   total = 0
-  for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
-    shard = sharding.shard_shape(leaf.shape)
-    total += int(np.prod(shard, dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
+  for leaf, sharding in zip(leaves, shards):
+    shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+    total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(leaf.dtype).itemsize
   return total
 
 

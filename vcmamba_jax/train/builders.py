@@ -88,20 +88,24 @@ def _version_tuple(version: str) -> tuple[int, ...]:
   return tuple(int(part) for part in version.split('.') if part.isdigit())
 
 
-def check_compiler(config: ConfigDict, device_kind: str, libtpu_version: str | None) -> None:
-  """Refuses, with the fix, a TPU program that this libtpu is known to crash on (a segmentation
-  fault of the compiler would end the run with no message). `libtpu_version`: None when unknown."""
-  if not libtpu_version or not device_kind.startswith('TPU'):
+def check_compiler(config: ConfigDict, device_kind: str, libtpu: str | None = None) -> None:
+  """Refuses, with the fix, a TPU program that the libtpu in use is known to crash on (a
+  segmentation fault of the compiler would end the run with no message). `libtpu`: its version,
+  default the installed one."""
+  if not device_kind.startswith('TPU'):
+    return
+  libtpu = libtpu or libtpu_version()
+  if not libtpu:
     return
   for generation, model_suffix, first_good in LIBTPU_CRASHES:
     if (
       device_kind.startswith(generation)
       and config.model.name.endswith(model_suffix)
-      and _version_tuple(libtpu_version) < first_good
+      and _version_tuple(libtpu) < first_good
     ):
       good = '.'.join(map(str, first_good))
       raise RuntimeError(
-        f'libtpu {libtpu_version} crashes compiling {config.model.name} for {device_kind} '
+        f'libtpu {libtpu} crashes compiling {config.model.name} for {device_kind} '
         f'(a known compiler bug, fixed by libtpu {good}). Install a newer one, then rerun: '
         f'pip install "libtpu>={good}" (on Python 3.12+, pip install "jax[tpu]>=0.11.2" '
         'brings it).'

@@ -178,7 +178,7 @@ def train_and_evaluate(
   hooks = hooks or Hooks()
   workdir = os.path.abspath(workdir)
   builders.check_batch_sizes(config)
-  builders.check_compiler(config, jax.devices()[0].device_kind, builders.libtpu_version())
+  builders.check_compiler(config, jax.devices()[0].device_kind)
   get_task(config).check_data(config)
   lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
   if lock is not None:
