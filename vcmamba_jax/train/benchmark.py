@@ -151,7 +151,7 @@ def benchmark(
   try:
     source = builders.train_source(config)
     steps_per_epoch = builders.steps_per_epoch(config, len(source))
-  except (FileNotFoundError, ValueError) as e:  # no dataset here: synthetic measurements only
+  except (FileNotFoundError, ValueError, ImportError) as e:  # no dataset or no TFDS: synthetic
     source, data_error, steps_per_epoch = None, str(e).splitlines()[0], 1000
   built = setup(config, steps_per_epoch)
   mesh, state, teacher = built['mesh'], built['state'], built['teacher']
