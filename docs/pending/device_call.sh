@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The measurements that decide the pending fused-scan patch and the FFN-block formulations
+# (issue 10), as two device calls of under 10 minutes each. See README.md in this folder.
+#
+# Before (here, once): apply the patch to a copy and put the copy where the call carries it:
+#   git worktree add /tmp/p HEAD && git -C /tmp/p apply docs/pending/fused_scan_direction_groups.patch
+#   mkdir -p .devtree/p && cp -r /tmp/p/vcmamba_jax /tmp/p/scripts .devtree/p/
+#   (and the Python 3.12 wheels in .whl, as /work/.library/device/README.md says)
+# Then, device `run` with carry [".whl", ".devtree"]:
+#   bash docs/pending/device_call.sh kernels          # ~5 min: scan main vs patch sweep, FFN blocks
+#   bash docs/pending/device_call.sh step '{"group": 1}'   # ~6 min: B main vs patched, that setting
+set -u
+export PYTHONUNBUFFERED=1
+if [[ "${1:-}" != kernels && "${1:-}" != step ]]; then
+  echo "usage (from the repo root): bash docs/pending/device_call.sh kernels | step '<KernelConfig JSON>'" >&2
+  exit 2
+fi
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
+ROOT=$PWD
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/p
+cp -r "$ROOT"/.devtree/p/vcmamba_jax "$ROOT"/.devtree/p/scripts /tmp/p/ || exit 1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env.txt"
+start=$(date +%s)
+elapsed() { echo "$1 rc=$2 $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt"; }
+main_py() { PYTHONPATH=$ROOT:/tmp/site "$@"; }
+patched_py() { (cd /tmp/p && PYTHONPATH=/tmp/p:/tmp/site "$@"); }
+B_FLAGS="--config=vcmamba_jax/configs/vcmamba_b.py --config.model.dtype=bfloat16 \
+  --config.distillation.type=none --config.global_batch_size=128 --config.eval_batch_size=256 \
+  --modes=train_synthetic,eval_synthetic"
+
+case "${1:-}" in
+  kernels)
+    main_py timeout 50 python3 scripts/benchmark_scan.py --model vcmamba_b --batch 128 \
+      --impls fused --skip_model > "$OUT/scan_main.log" 2>&1
+    elapsed scan_main $?
+    grep -v '^[EWI][0-9]' "$OUT/scan_main.log" | tail -5
+    patched_py timeout 110 python3 "$ROOT/docs/pending/scan_sweep.py" --batch 128 \
+      --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+    elapsed sweep $?
+    grep -E '^\{|^null' "$OUT/sweep.log"
+    main_py timeout 170 python3 docs/pending/ffn_block_variants.py --batch 128 \
+      --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
+    elapsed blocks $?
+    grep '^{' "$OUT/blocks.log" | cut -c1-400
+    ;;
+  step)
+    setting=${2:-'{}'}
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_main main_py timeout 170 python3 scripts/benchmark.py \
+      $B_FLAGS --json_out="$OUT/b_main.json" > "$OUT/b_main.log" 2>&1
+    elapsed b_main $?
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_patched patched_py timeout 170 python3 \
+      "$ROOT/docs/pending/run_with_kernel_config.py" "$setting" scripts/benchmark.py \
+      $B_FLAGS --json_out="$OUT/b_patched.json" > "$OUT/b_patched.log" 2>&1
+    elapsed b_patched $?
+    tail -n 12 "$OUT/b_main.log" "$OUT/b_patched.log"
+    ;;
+esac
