@@ -6,8 +6,9 @@ Checked (fresh random inputs each, forward and gradients of every input, float32
 - the fused selective scan (`scan_impl='fused'`, Pallas) against the sequential `lax.scan`
   reference, at the model's Mamba shapes (4 directions, L = 49, E = 2*C4, N = 16, delta and C
   shared by the directions as in the upstream model);
-- `ops.depthwise_conv(impl='taps')` against `lax.conv` (cuDNN) at the model's depthwise shapes
-  (the mixer's 7x7 and the Mlp's 3x3 of every stage);
+- `ops.depthwise_conv(impl='taps')` and `impl='pallas'` (the Pallas backward kernel) against
+  `lax.conv` (cuDNN) at the model's depthwise shapes (the mixer's 7x7 and the Mlp's 3x3 of
+  every stage);
 - `ops.batch_norm_train` (hand-written VJP, fused GELU) against autodiff of the plain formula.
 Error = max |fast - ref| / max |ref| per output; bounds: 1e-5 (float32; 5e-3 with TF32 matmuls
 on GPUs), 2e-2 (bfloat16 inputs). Checks run at a small batch (`--check_batch`); then prints forward and forward+backward
@@ -119,15 +120,16 @@ def cases(model: str, batch: int, length: int, dtype, seed: int):
     x = jax.random.normal(key_x, (batch, grid, grid, channels), dtype)
     w = jax.random.normal(key_w, (k, k, 1, channels)) * 0.2
     b = jax.random.normal(key_b, (channels,))
-    out.append(
-      (
-        f'depthwise {k}x{k} taps vs lax.conv {grid}x{grid}x{channels}',
-        lambda x, w, b: ops.depthwise_conv(x, w, b, impl='taps'),
-        lambda x, w, b: ops.depthwise_conv(x, w, b, impl='xla'),
-        (x, w, b),
-        (0, 1, 2),
+    for impl in ('taps', 'pallas'):
+      out.append(
+        (
+          f'depthwise {k}x{k} {impl} vs lax.conv {grid}x{grid}x{channels}',
+          lambda x, w, b, impl=impl: ops.depthwise_conv(x, w, b, impl=impl),
+          lambda x, w, b: ops.depthwise_conv(x, w, b, impl='xla'),
+          (x, w, b),
+          (0, 1, 2),
+        )
       )
-    )
   kx, ks, kb = jax.random.split(jax.random.key(seed * 1000), 3)
   channels = 4 * widths[0]
   x = (jax.random.normal(kx, (batch, 56, 56, channels)) * 2 + 0.5).astype(dtype)
@@ -161,6 +163,7 @@ def main() -> int:
   parser.add_argument('--length', type=int, default=49)
   parser.add_argument('--repeats', type=int, default=20)
   parser.add_argument('--skip_timing', action='store_true')
+  parser.add_argument('--only', default='', help='run the cases whose name contains this')
   args = parser.parse_args()
   print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}', flush=True)
   gpu = jax.default_backend() == 'gpu'
@@ -168,6 +171,8 @@ def main() -> int:
     for name, fast, ref, fn_args, argnums in cases(
       args.model, args.check_batch, args.length, dtype, seed
     ):
+      if args.only not in name:
+        continue
       # XLA's GPU convolutions and matmuls run float32 as TF32 by default.
       tol = 5e-3 if gpu and dtype == jnp.float32 and 'lax.conv' in name else bound
       check(f'{name}, {jnp.dtype(dtype).name}', fast, ref, fn_args, tol, argnums)
@@ -176,6 +181,8 @@ def main() -> int:
     for name, fast, ref, fn_args, argnums in cases(
       args.model, args.batch, args.length, jnp.bfloat16, 7
     ):
+      if args.only not in name:
+        continue
       rows[name] = timing(fast, ref, fn_args, args.repeats, argnums)
       r = rows[name]
       print(

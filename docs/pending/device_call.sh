@@ -7,7 +7,7 @@
 #   mkdir -p .devtree/p && cp -r /tmp/p/vcmamba_jax /tmp/p/scripts .devtree/p/
 #   (and the Python 3.12 wheels in .whl, as /work/.library/device/README.md says)
 # Then, device `run` with carry [".whl", ".devtree"]:
-#   bash docs/pending/device_call.sh kernels          # ~5 min: scan main vs patch sweep, FFN blocks
+#   bash docs/pending/device_call.sh kernels          # ~8 min: scan sweep, Pallas dw checks, FFN blocks
 #   bash docs/pending/device_call.sh step '{"group": 1}'   # ~6 min: B main vs patched, that setting
 #   bash docs/pending/device_call.sh compile          # ~6 min: B's cold train-step compile, XLA flags
 set -u
@@ -43,7 +43,11 @@ case "${1:-}" in
       --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
     elapsed sweep $?
     grep -E '^\{|^null' "$OUT/sweep.log"
-    main_py timeout 170 python3 docs/pending/ffn_block_variants.py --batch 128 \
+    main_py timeout 110 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only pallas > "$OUT/check_pallas.log" 2>&1
+    elapsed check_pallas $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-110
+    main_py timeout 200 python3 docs/pending/ffn_block_variants.py --batch 128 \
       --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
     elapsed blocks $?
     grep '^{' "$OUT/blocks.log" | cut -c1-400

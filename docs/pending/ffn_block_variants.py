@@ -15,7 +15,8 @@ Variants (`dk` = how the kernel gradient is reduced):
 - stack: one reduction over a stacked [9, B, H, W, C] product (never materialised if XLA fuses);
 - batch: per-image partial sums [9, B, C], then the batch;
 - bar_dx: the input gradient materialised before BatchNorm's backward consumes it;
-- bar_y: the forward output materialised before the statistics read it.
+- bar_y: the forward output materialised before the statistics read it;
+- impl pallas: `depthwise_impl='pallas'`, the backward pass as one Pallas kernel.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ VARIANTS = [
   {'dk': 'batch', 'bar_dx': False, 'bar_y': False},
   {'dk': 'sep', 'bar_dx': True, 'bar_y': False},
   {'dk': 'sep', 'bar_dx': False, 'bar_y': True},
+  # The Pallas backward kernel (models/depthwise_pallas.py): one pass for dx and the kernel grad.
+  {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas'},
 ]
 
 
@@ -80,8 +83,8 @@ def use_variant(variant: dict) -> None:
   ops._depthwise_taps.defvjp(fwd, bwd)
 
 
-def time_block(width: int, grid: int, batch: int, repeats: int = 20):
-  block = layers.FFNBlock(dtype=jnp.bfloat16, depthwise_impl='taps')
+def time_block(width: int, grid: int, batch: int, impl: str, repeats: int = 20):
+  block = layers.FFNBlock(dtype=jnp.bfloat16, depthwise_impl=impl)
   x = jax.random.normal(jax.random.key(0), (batch, grid, grid, width), jnp.bfloat16)
   variables = block.init(jax.random.key(1), x[:2], train=True)
 
@@ -123,7 +126,7 @@ def main() -> None:
     row = {'variant': variant, 'ms': {}, 'rel_err': {}, 'compile_s': {}}
     for width, grid in STAGES:
       key = f'{grid}x{grid}x{width}'
-      ms, compile_s, grads = time_block(width, grid, args.batch)
+      ms, compile_s, grads = time_block(width, grid, args.batch, variant.get('impl', 'taps'))
       refs.setdefault(key, grads)
       row['ms'][key] = round(ms, 3)
       row['rel_err'][key] = float(f'{_rel_err(grads, refs[key]):.2e}')

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vcmamba_jax.models import ops
+from vcmamba_jax.models import depthwise_pallas, ops
 
 
 def _value_and_grads(fn, args):
@@ -25,7 +25,16 @@ def _value_and_grads(fn, args):
 
 @pytest.mark.parametrize(
   'impl,kernel,height,width',
-  [('taps', 3, 9, 10), ('taps', 7, 7, 7), ('taps', 7, 2, 3), ('matmul', 3, 5, 8)],
+  [
+    ('taps', 3, 9, 10),
+    ('taps', 7, 7, 7),
+    ('taps', 7, 2, 3),
+    ('matmul', 3, 5, 8),
+    # The Pallas backward kernel, in the interpreter: non-square, a grid smaller than the kernel.
+    ('pallas', 3, 9, 10),
+    ('pallas', 7, 7, 7),
+    ('pallas', 7, 2, 3),
+  ],
 )
 def test_depthwise_conv_matches_lax_conv(impl, kernel, height, width):
   keys = jax.random.split(jax.random.key(kernel * 100 + height), 3)
@@ -40,6 +49,18 @@ def test_depthwise_conv_matches_lax_conv(impl, kernel, height, width):
   np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
   for name, a, r in zip(['x', 'kernel', 'bias'], g_fast, g_ref):
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize('kernel,grid,channels', [(3, 56, 256), (7, 7, 1024)])
+def test_pallas_depthwise_backward_lowers_to_triton_at_the_b_shapes(kernel, grid, channels):
+  # No GPU here: a CUDA cross-lowering runs Pallas's Triton lowering (power-of-two tiles, ops
+  # that Triton has), which the interpreter does not. The Mlp's 3x3 of stage 1 and the mixer's
+  # 7x7 at batch 128.
+  x = jax.ShapeDtypeStruct((128, grid, grid, channels), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((kernel, kernel, channels), jnp.bfloat16)
+  fn = jax.jit(lambda x, g, k: depthwise_pallas.depthwise_backward(x, g, k))
+  text = fn.trace(x, x, k).lower(lowering_platforms=('cuda',)).as_text()
+  assert text.count('custom_call @__gpu$xla.gpu.triton') == 1
 
 
 def test_depthwise_conv_rejects_a_dense_kernel():

@@ -464,3 +464,19 @@ def test_a_second_ctrl_c_exits_at_once_without_saving(imagenet_dir, tmp_path):
   proc.send_signal(signal.SIGINT)
   assert proc.wait(timeout=10) == checkpoint.EXIT_INTERRUPTED
   assert _wait_until_gone(workers)
+
+
+@pytest.mark.parametrize(
+  ('key', 'value'),
+  [
+    ('model.scan_impl', 'chunked'),  # the non-Pallas TPU scan README documents
+    ('model.scan_impl', 'pallas_tpu'),
+    ('model.depthwise_impl', 'pallas'),
+  ],
+)
+def test_every_model_implementation_passes_config_validation(imagenet_dir, key, value):
+  # The valid choices come from the model's own lists, so a new implementation cannot be
+  # rejected by the config check (it was for 'chunked' and 'pallas_tpu' before).
+  validate.validate_config(smoke_config(imagenet_dir, **{key: value}))
+  with pytest.raises(validate.ConfigError, match=f"{key}='nope' must be one of"):
+    validate.validate_config(smoke_config(imagenet_dir, **{key: 'nope'}))

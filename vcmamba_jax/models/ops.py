@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DepthwiseImpl = Literal['auto', 'taps', 'xla', 'matmul']
+DepthwiseImpl = Literal['auto', 'taps', 'xla', 'matmul', 'pallas']
 Activation = Literal['none', 'relu', 'gelu']
 
 
@@ -122,6 +122,26 @@ def _depthwise_taps_bwd(residuals, g):
 _depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_taps_pallas(x: jax.Array, kernel: jax.Array, interpret: bool) -> jax.Array:
+  return _taps_correlate(x, kernel)
+
+
+def _depthwise_taps_pallas_fwd(x, kernel, interpret):
+  return _taps_correlate(x, kernel), (x, kernel)
+
+
+def _depthwise_taps_pallas_bwd(interpret, residuals, g):
+  from vcmamba_jax.models import depthwise_pallas
+
+  x, kernel = residuals
+  dx, dkernel = depthwise_pallas.depthwise_backward(x, g, kernel, interpret=interpret)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_depthwise_taps_pallas.defvjp(_depthwise_taps_pallas_fwd, _depthwise_taps_pallas_bwd)
+
+
 def depthwise_conv(
   x: jax.Array,
   kernel: jax.Array,
@@ -137,7 +157,9 @@ def depthwise_conv(
     bias: optional [C].
     impl: 'taps' (K*K shifted multiply-adds, hand-written VJP; float32 accumulation),
       'xla' (lax.conv_general_dilated: cuDNN on GPUs), 'matmul' (a per-channel [HW, HW] matrix;
-      small grids only), 'auto' = 'taps'.
+      small grids only), 'pallas' (the taps forward with the backward pass as one Pallas kernel,
+      models/depthwise_pallas.py: on GPUs, else the Pallas interpreter; falls back to 'taps' with
+      a logged line where Pallas's Triton backend fails), 'auto' = 'taps'.
   Returns:
     [B, H, W, C] in x's dtype.
   """
@@ -147,8 +169,15 @@ def depthwise_conv(
   if impl == 'auto':
     impl = 'taps'
   kernel = kernel.astype(x.dtype)
+  if impl == 'pallas':
+    from vcmamba_jax.models import depthwise_pallas
+
+    on_gpu = jax.default_backend() == 'gpu'
+    impl = 'taps' if on_gpu and not depthwise_pallas.available() else impl
   if impl == 'taps':
     y = _depthwise_taps(x, kernel[:, :, 0, :])
+  elif impl == 'pallas':
+    y = _depthwise_taps_pallas(x, kernel[:, :, 0, :], not on_gpu)
   elif impl == 'matmul':
     y = _depthwise_as_matmul(x, kernel[:, :, 0, :])
   elif impl == 'xla':

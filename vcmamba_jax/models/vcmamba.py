@@ -291,7 +291,8 @@ def create_model(
     **kwargs: other ``VCMamba`` fields: depths, widths, num_mamba_layers, scan_mode
       ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'chunked' |
       'fused' | 'pallas_tpu'; 'auto' = models.scan.resolve_auto), remat_scan,
-      depthwise_impl ('auto' = 'taps' | 'xla' | 'matmul', see models/ops.py), stem_activation.
+      depthwise_impl ('auto' = 'taps' | 'xla' | 'matmul' | 'pallas', see models/ops.py),
+      stem_activation.
   """
   if name not in VARIANTS:
     raise ValueError(f'unknown model {name!r}; available: {sorted(VARIANTS)}')

@@ -16,10 +16,11 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from vcmamba_jax.models.options import DEPTHWISE_IMPLS
+from vcmamba_jax.models.scan import SCAN_IMPLS
+
 MODES = ('train', 'eval')
 DTYPES = ('float32', 'bfloat16')
-SCAN_IMPLS = ('auto', 'associative', 'sequential', 'fused')
-DEPTHWISE_IMPLS = ('auto', 'taps', 'xla', 'matmul')  # vcmamba_jax.models.ops.depthwise_conv
 INTERPOLATIONS = ('bicubic', 'bilinear', 'random')
 ERASING_MODES = ('pixel', 'rand', 'const')
 DISTRIBUTED = ('auto', 'on', 'off')

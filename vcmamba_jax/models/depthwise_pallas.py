@@ -1,0 +1,153 @@
+"""Backward pass of the KxK depthwise convolution as one Pallas/Triton kernel (GPUs).
+
+Why: in an H100 profile of B's train step (docs/benchmarks/h100_bf16_profile_b_train.json) the
+XLA formulation of the taps VJP (`ops._depthwise_taps_bwd`) costs ~22 ms: the K*K kernel-gradient
+sums of a stage-1 block run as 6 reduction kernels (1.16 ms against ~0.12 ms of bytes) and the
+input gradient is a 9-tap stencil fused into BatchNorm's backward. This kernel reads x and the
+output gradient g once per program row (the K*K shifted reads hit the cache) and writes the input
+gradient and per-image kernel-gradient partials in the same pass.
+
+Layout: one program owns (image, block of channels) and walks the H rows. Loads are power-of-two
+tiles [Wp, block] (Wp = W rounded up to a power of two) from x and g zero-padded in W only, so
+every load is in bounds (the Pallas interpreter clamps out-of-bounds loads instead of masking
+them); rows outside the image are clamped and multiplied by zero. The input gradient is written
+at width Wp and sliced to W by the caller.
+
+Opt-in (`depthwise_impl='pallas'`) until it is measured on a GPU; checked against the XLA VJP in
+tests (interpret mode on the CPU) and by `scripts/check_kernels.py` on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TILE_ELEMENTS = 2048  # target Wp * block of a program's tiles (16 float32 registers a thread)
+ACC_ELEMENTS = 4096  # cap on K*K * block: the kernel-gradient accumulators live in registers
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def channel_block(channels: int, width_p: int, ksize: int) -> int:
+  """Largest power of two dividing `channels`, capped so that a [Wp, block] tile is about
+  TILE_ELEMENTS and the K*K accumulators [block] at most ACC_ELEMENTS."""
+  block = channels & -channels  # lowest set bit: the largest power-of-two divisor
+  cap = min(max(16, TILE_ELEMENTS // width_p), max(16, ACC_ELEMENTS // (ksize * ksize)))
+  return max(1, min(block, _prev_pow2(cap)))
+
+
+def _prev_pow2(n: int) -> int:
+  return 1 << (n.bit_length() - 1)
+
+
+def _bwd_kernel(xp_ref, gp_ref, k_ref, dx_ref, dk_ref, *, height, width_p, ksize):
+  """xp_ref, gp_ref [H, Wp + 2p, blk] (x and g, zero-padded in W: column c holds column c - p);
+  k_ref [K*K, blk] -> dx_ref [H, Wp, blk] (columns >= W unused), dk_ref [K*K, blk] float32."""
+  from jax.experimental import pallas as pl
+
+  f32 = jnp.float32
+  pad = ksize // 2
+  taps = ksize * ksize
+  kern = [k_ref[t, :].astype(f32) for t in range(taps)]
+
+  def row(h, acc):
+    acc = list(acc)
+    g_row = gp_ref[h, pl.ds(pad, width_p), :].astype(f32)  # g[h, w]; zero for w >= W
+    dx = None
+    for di in range(ksize):
+      # Rows outside the image read a clamped row and are discarded by a select (scalar
+      # predicates; a bool -> float convert does not lower to Triton here).
+      r = h + di - pad  # x row that tap row di reads for output row h
+      x_ok = (r >= 0) & (r < height)
+      x_row = jnp.clip(r, 0, height - 1)
+      q = h - di + pad  # g row whose tap row di reaches input row h
+      g_ok = (q >= 0) & (q < height)
+      g_row_q = jnp.clip(q, 0, height - 1)
+      for dj in range(ksize):
+        t = di * ksize + dj
+        xs = xp_ref[x_row, pl.ds(dj, width_p), :].astype(f32)  # x[r, w + dj - p]
+        acc[t] = jnp.where(x_ok, acc[t] + jnp.sum(xs * g_row, axis=0), acc[t])
+        gs = gp_ref[g_row_q, pl.ds(2 * pad - dj, width_p), :].astype(f32)  # g[q, w - dj + p]
+        term = jnp.where(g_ok, gs * kern[t][None, :], 0.0)
+        dx = term if dx is None else dx + term
+    dx_ref[h, :, :] = dx.astype(dx_ref.dtype)
+    return tuple(acc)
+
+  zeros = jnp.zeros(kern[0].shape, f32)
+  acc = jax.lax.fori_loop(0, height, row, (zeros,) * taps)
+  for t in range(taps):
+    dk_ref[t, :] = acc[t]
+
+
+def depthwise_backward(
+  x: jax.Array, g: jax.Array, kernel: jax.Array, *, interpret: bool = False
+) -> tuple[jax.Array, jax.Array]:
+  """Gradients of y = correlate(x, kernel) (stride 1, zero padding K//2, NHWC).
+
+  Args:
+    x: [B, H, W, C] the conv's input.
+    g: [B, H, W, C] the gradient of its output.
+    kernel: [K, K, C], K odd.
+    interpret: run in the Pallas interpreter (any backend; for tests).
+  Returns:
+    (dx [B, H, W, C] in x's dtype, dkernel [K, K, C] float32).
+  """
+  from jax.experimental import pallas as pl
+
+  from vcmamba_jax.models import scan_pallas
+
+  batch, height, width, channels = x.shape
+  ksize = kernel.shape[0]
+  pad = ksize // 2
+  width_p = _next_pow2(width)
+  block = channel_block(channels, width_p, ksize)
+  padding = ((0, 0), (0, 0), (pad, width_p + pad - width), (0, 0))
+  xp = jnp.pad(x, padding)
+  gp = jnp.pad(g.astype(x.dtype), padding)
+  padded = pl.BlockSpec((None, height, width_p + 2 * pad, block), lambda b, c: (b, 0, 0, c))
+  dx, dk = pl.pallas_call(
+    functools.partial(_bwd_kernel, height=height, width_p=width_p, ksize=ksize),
+    out_shape=(
+      jax.ShapeDtypeStruct((batch, height, width_p, channels), x.dtype),
+      jax.ShapeDtypeStruct((batch, ksize * ksize, channels), jnp.float32),
+    ),
+    grid=(batch, channels // block),
+    in_specs=[padded, padded, pl.BlockSpec((ksize * ksize, block), lambda b, c: (0, c))],
+    out_specs=(
+      pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
+      pl.BlockSpec((None, ksize * ksize, block), lambda b, c: (b, 0, c)),
+    ),
+    compiler_params=None if interpret else scan_pallas._compiler_params(4),
+    interpret=interpret,
+  )(xp, gp, kernel.reshape(ksize * ksize, channels))
+  return dx[:, :, :width, :], dk.sum(axis=0).reshape(ksize, ksize, channels)
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel compiles and runs on the default backend (a GPU); False, with one logged
+  line, on other backends or if Pallas's Triton backend fails (callers then use the XLA VJP)."""
+  if jax.default_backend() != 'gpu':
+    return False
+  try:
+    x = np.ones((1, 4, 4, 16), np.float32)
+    fn = jax.jit(lambda x, g, k: depthwise_backward(x, g, k))
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, x, x[0, :3, :3])]
+    np.asarray(fn.lower(*specs).compile()(x, x, x[0, :3, :3])[0])
+    return True
+  except Exception as e:
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    logging.warning(
+      'vcmamba_jax: the Pallas depthwise backward is unavailable with jax %s (%s: %s); using '
+      "the XLA formulation ('taps') instead.",
+      jax.__version__,
+      type(e).__name__,
+      first_line,
+    )
+    return False
