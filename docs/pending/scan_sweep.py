@@ -13,37 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import runpy
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.models import scan_pallas
 
-
-def _time(fn, *args, repeats: int = 20) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
-
-
-def scan_inputs(key, batch: int, length: int, inner: int, state: int = 16):
-  """The upstream layout at B's shapes: u and B per direction, delta and C shared (size-1 axis)."""
-  ks = jax.random.split(key, 6)
-  u = jax.random.normal(ks[0], (batch, 4, length, inner), jnp.bfloat16)
-  delta = jax.random.normal(ks[1], (batch, 1, length, inner), jnp.bfloat16) * 0.5
-  A = -jnp.exp(jax.random.normal(ks[2], (inner, state)) * 0.5)
-  B = jax.random.normal(ks[3], (batch, 4, length, state))
-  C = jax.random.normal(ks[4], (batch, 1, length, state), jnp.bfloat16)
-  D = jnp.ones((inner,))
-  bias = jax.random.normal(ks[5], (inner,)) * 0.1
-  return u, delta, A, B, C, D, bias
+# The inputs and the timer of scripts/benchmark_scan.py (a script, not a module: loaded by path).
+_BENCH = runpy.run_path('scripts/benchmark_scan.py')
+_time, scan_inputs = _BENCH['_time'], _BENCH['scan_inputs']
 
 
 SETTINGS = [
