@@ -20,11 +20,12 @@ tests (interpret mode on the CPU) and by `scripts/check_kernels.py` on the GPU.
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vcmamba_jax.models import pallas_gpu
 
 TILE_ELEMENTS = 2048  # target Wp * block of a program's tiles (16 float32 registers a thread)
 ACC_ELEMENTS = 4096  # cap on K*K * block: the kernel-gradient accumulators live in registers
@@ -100,8 +101,6 @@ def depthwise_backward(
   """
   from jax.experimental import pallas as pl
 
-  from vcmamba_jax.models import scan_pallas
-
   batch, height, width, channels = x.shape
   ksize = kernel.shape[0]
   pad = ksize // 2
@@ -123,7 +122,7 @@ def depthwise_backward(
       pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
       pl.BlockSpec((None, ksize * ksize, block), lambda b, c: (b, 0, c)),
     ),
-    compiler_params=None if interpret else scan_pallas._compiler_params(4),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(4),
     interpret=interpret,
   )(xp, gp, kernel.reshape(ksize * ksize, channels))
   return dx[:, :, :width, :], dk.sum(axis=0).reshape(ksize, ksize, channels)
@@ -135,19 +134,11 @@ def available() -> bool:
   line, on other backends or if Pallas's Triton backend fails (callers then use the XLA VJP)."""
   if jax.default_backend() != 'gpu':
     return False
-  try:
+
+  def run():
     x = np.ones((1, 4, 4, 16), np.float32)
     fn = jax.jit(lambda x, g, k: depthwise_backward(x, g, k))
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, x, x[0, :3, :3])]
     np.asarray(fn.lower(*specs).compile()(x, x, x[0, :3, :3])[0])
-    return True
-  except Exception as e:
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    logging.warning(
-      'vcmamba_jax: the Pallas depthwise backward is unavailable with jax %s (%s: %s); using '
-      "the XLA formulation ('taps') instead.",
-      jax.__version__,
-      type(e).__name__,
-      first_line,
-    )
-    return False
+
+  return pallas_gpu.probe(run, 'Pallas depthwise backward', "the XLA formulation ('taps')")

@@ -128,7 +128,8 @@ def _depthwise_taps_pallas(x: jax.Array, kernel: jax.Array, interpret: bool) -> 
 
 
 def _depthwise_taps_pallas_fwd(x, kernel, interpret):
-  return _taps_correlate(x, kernel), (x, kernel)
+  del interpret
+  return _depthwise_taps_fwd(x, kernel)
 
 
 def _depthwise_taps_pallas_bwd(interpret, residuals, g):

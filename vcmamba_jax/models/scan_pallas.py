@@ -14,11 +14,12 @@ Checked against the sequential reference in tests (interpret mode on the CPU) an
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vcmamba_jax.models import pallas_gpu
 
 MAX_UNROLLED_LENGTH = 64
 FWD_BLOCK = 64
@@ -138,15 +139,6 @@ def _specs(length, inner, state, block):
   return seq, tok, mat, vec
 
 
-def _compiler_params(num_warps):
-  # Pallas's Triton backend (deprecated from JAX 0.11; Mosaic GPU is its successor). Older
-  # releases named the class TritonCompilerParams.
-  from jax.experimental.pallas import triton as plgpu
-
-  params = getattr(plgpu, 'CompilerParams', None) or plgpu.TritonCompilerParams
-  return params(num_warps=num_warps, num_stages=1)
-
-
 def _forward(u, delta, A, B, C, D, bias, interpret):
   from jax.experimental import pallas as pl
 
@@ -165,7 +157,7 @@ def _forward(u, delta, A, B, C, D, bias, interpret):
     grid=(seqs, inner // block),
     in_specs=[seq, seq, mat, tok, tok, vec, vec],
     out_specs=(seq, checkpoints),
-    compiler_params=None if interpret else _compiler_params(4),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(4),
     interpret=interpret,
   )(u, delta, A, B, C, D, bias)
 
@@ -195,7 +187,7 @@ def _backward(u, delta, A, B, C, D, bias, checkpoints, dy, interpret):
     grid=(seqs, blocks),
     in_specs=[seq, seq, mat, tok, tok, vec, vec, checkpoint_spec, seq],
     out_specs=(seq, seq, partial_mat, partial_tok, partial_tok),
-    compiler_params=None if interpret else _compiler_params(4),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(4),
     interpret=interpret,
   )(u, delta, A, B, C, D, bias, checkpoints, dy)
   dy32, u32 = dy.astype(f32), u.astype(f32)
@@ -275,26 +267,17 @@ def probe_fused_kernels() -> bool:
   """Lowers, compiles and runs the fused forward + backward on tiny inputs; False (with one
   logged line) on any failure. Independent of any trace in progress: it lowers from shapes and
   runs on NumPy inputs."""
-  try:
+
+  def run():
     f32 = np.float32
     u = np.ones((1, 8, 8), f32)
     n = np.ones((1, 8, 16), f32)
     args = (u, u, -np.ones((8, 16), f32), n, n, np.ones((8,), f32), np.zeros((8,), f32))
     fn = jax.jit(jax.grad(lambda *a: _fused_scan(*a, False).sum(), argnums=(0, 1)))
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-    compiled = fn.lower(*specs).compile()
-    np.asarray(compiled(*args)[0])
-    return True
-  except Exception as e:
-    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    logging.warning(
-      'vcmamba_jax: the fused Pallas scan is unavailable with jax %s (%s: %s); using the XLA '
-      "scan ('associative') instead.",
-      jax.__version__,
-      type(e).__name__,
-      first_line,
-    )
-    return False
+    np.asarray(fn.lower(*specs).compile()(*args)[0])
+
+  return pallas_gpu.probe(run, 'fused Pallas scan', "the XLA scan ('associative')")
 
 
 def fused_scan_supported(length: int, inner: int) -> bool:
