@@ -6,10 +6,11 @@ Checked (fresh random inputs each, forward and gradients of every input, float32
 - the fused selective scan (`scan_impl='fused'`, Pallas) against the sequential `lax.scan`
   reference, at the model's Mamba shapes (4 directions, L = 49, E = 2*C4, N = 16, delta and C
   shared by the directions as in the upstream model);
-- `ops.depthwise_conv(impl='taps')` and `impl='pallas'` (the Pallas backward kernel) against
+- `ops.depthwise_conv(impl='taps')` and `impl='pallas'` (the Pallas kernels) against
   `lax.conv` (cuDNN) at the model's depthwise shapes (the mixer's 7x7 and the Mlp's 3x3 of
   every stage);
-- `ops.batch_norm_train` (hand-written VJP, fused GELU) against autodiff of the plain formula.
+- `ops.batch_norm_train` (hand-written VJP, fused GELU) against autodiff of the plain formula,
+  alone and fed the Pallas conv's moments (the Mlp's mid conv + mid_norm with impl 'pallas').
 Error = max |fast - ref| / max |ref| per output; bounds: 1e-5 (float32; 5e-3 with TF32 matmuls
 on GPUs), 2e-2 (bfloat16 inputs). Checks run at a small batch (`--check_batch`); then prints forward and forward+backward
 milliseconds of each fast path and its reference at `--batch` in bfloat16 (median of
@@ -113,7 +114,13 @@ def cases(model: str, batch: int, length: int, dtype, seed: int):
       tuple(range(7)),
     )
   )
-  # The depthwise convs: the mixer's 7x7 and the Mlp's 3x3 on every stage's grid.
+
+  # The depthwise convs: the mixer's 7x7 and the Mlp's 3x3 on every stage's grid. The reference
+  # runs in float32 on the same (rounded) inputs: autodiff of cuDNN's conv in bfloat16 sums the
+  # bias gradient in bfloat16 (2-8% off at these shapes).
+  def ref_depthwise(x, w, b):
+    return ops.depthwise_conv(x.astype(jnp.float32), w, b, impl='xla').astype(x.dtype)
+
   shapes = [(7, 7, inner)] + [(3, 56 // 2**s, 4 * c) for s, c in enumerate(widths)]
   for i, (k, grid, channels) in enumerate(shapes):
     key_x, key_w, key_b = jax.random.split(jax.random.key(seed * 100 + i), 3)
@@ -125,7 +132,7 @@ def cases(model: str, batch: int, length: int, dtype, seed: int):
         (
           f'depthwise {k}x{k} {impl} vs lax.conv {grid}x{grid}x{channels}',
           lambda x, w, b, impl=impl: ops.depthwise_conv(x, w, b, impl=impl),
-          lambda x, w, b: ops.depthwise_conv(x, w, b, impl='xla'),
+          ref_depthwise,
           (x, w, b),
           (0, 1, 2),
         )
@@ -150,6 +157,22 @@ def cases(model: str, batch: int, length: int, dtype, seed: int):
       bn_plain,
       (x, scale, shift),
       (0, 1, 2),
+    )
+  )
+  # The Mlp's mid conv + mid_norm with impl 'pallas': the conv's moments replace BatchNorm's.
+  w = jax.random.normal(kb, (3, 3, 1, channels)) * 0.2
+
+  def conv_bn_pallas(x, w, b, s):
+    y, moments = ops.depthwise_conv_with_moments(x, w, b, impl='pallas')
+    return ops.batch_norm_train(y, s, 0.1 * b, 1e-5, 'gelu', moments)[0]
+
+  out.append(
+    (
+      f'depthwise 3x3 pallas + its moments -> batch_norm+gelu vs lax.conv 56x56x{channels}',
+      conv_bn_pallas,
+      lambda x, w, b, s: bn_plain(ref_depthwise(x, w, b), s, 0.1 * b),
+      (x, w, shift, scale),
+      (0, 1, 3),  # not the conv's bias: it feeds the BatchNorm, its exact gradient is 0
     )
   )
   return out

@@ -10,10 +10,13 @@
 #   bash docs/pending/device_call.sh kernels          # ~8 min: scan sweep, Pallas dw checks, FFN blocks
 #   bash docs/pending/device_call.sh step '{"group": 1}'   # ~6 min: B main vs patched, that setting
 #   bash docs/pending/device_call.sh compile          # ~6 min: B's cold train-step compile, XLA flags
+#   bash docs/pending/device_call.sh combo            # ~9 min: the decisions of kernels + step in one
+#     call: Pallas depthwise checks, the scan sweep, then B's train+eval steps on main, the train step
+#     with depthwise_impl=pallas, and train+eval on the patched tree with the sweep's fastest setting
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile ]]; then
-  echo "usage (from the repo root): bash docs/pending/device_call.sh kernels | step '<KernelConfig JSON>' | compile" >&2
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != combo ]]; then
+  echo "usage (from the repo root): bash docs/pending/device_call.sh kernels | step '<KernelConfig JSON>' | compile | combo" >&2
   exit 2
 fi
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -64,6 +67,42 @@ case "${1:-}" in
       $B_FLAGS --json_out="$OUT/b_patched.json" > "$OUT/b_patched.log" 2>&1
     elapsed b_patched $?
     tail -n 12 "$OUT/b_main.log" "$OUT/b_patched.log"
+    ;;
+  combo)
+    mkdir -p /tmp/logs
+    main_py timeout 80 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only pallas > "$OUT/check_pallas.log" 2>&1
+    elapsed check_pallas $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-110
+    patched_py timeout 90 python3 "$ROOT/docs/pending/scan_sweep.py" --batch 128 \
+      > "$OUT/sweep.log" 2>&1
+    elapsed sweep $?
+    grep -E '^\{|^null' "$OUT/sweep.log" | cut -c1-300
+    # The sweep's last line is the fastest setting itself ({} is the patch's default).
+    best=$(tail -n 1 "$OUT/sweep.log" | python3 -c 'import json, sys
+d = json.loads(sys.stdin.read())
+print(json.dumps(d if isinstance(d, dict) and "setting" not in d else {}))' 2> /dev/null || echo '{}')
+    echo "fastest setting: $best"
+    train_flags="${B_FLAGS%--modes*} --modes=train_synthetic"
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_main main_py timeout 140 python3 scripts/benchmark.py \
+      $B_FLAGS --json_out="$OUT/b_main.json" > "/tmp/logs/b_main.log" 2>&1
+    elapsed b_main $?
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_dw main_py timeout 120 python3 scripts/benchmark.py \
+      $train_flags --config.model.depthwise_impl=pallas --json_out="$OUT/b_dw.json" \
+      > "/tmp/logs/b_dw.log" 2>&1
+    elapsed b_dw_pallas $?
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_patched patched_py timeout 140 python3 \
+      "$ROOT/docs/pending/run_with_kernel_config.py" "$best" scripts/benchmark.py \
+      $B_FLAGS --json_out="$OUT/b_patched.json" > "/tmp/logs/b_patched.log" 2>&1
+    elapsed b_patched $?
+    # At most 8 files come back from a device call: the benchmarks' logs go back as one file.
+    for f in b_main b_dw b_patched; do
+      echo "== $f" && grep -v '^[EWI][0-9]' "/tmp/logs/$f.log" | tail -n 40
+    done > "$OUT/bench_logs.txt"
+    grep -E '^==|_synthetic|compile|Pallas|fall' "$OUT/bench_logs.txt" | cut -c1-160
     ;;
   compile)
     # Issue 10 wants B's train step compiled cold in <= 60 s (76 s on an H200, 2026-12-02). Where

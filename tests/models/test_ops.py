@@ -52,15 +52,72 @@ def test_depthwise_conv_matches_lax_conv(impl, kernel, height, width):
 
 
 @pytest.mark.parametrize('kernel,grid,channels', [(3, 56, 256), (7, 7, 1024)])
-def test_pallas_depthwise_backward_lowers_to_triton_at_the_b_shapes(kernel, grid, channels):
+def test_pallas_depthwise_kernels_lower_to_triton_at_the_b_shapes(kernel, grid, channels):
   # No GPU here: a CUDA cross-lowering runs Pallas's Triton lowering (power-of-two tiles, ops
   # that Triton has), which the interpreter does not. The Mlp's 3x3 of stage 1 and the mixer's
-  # 7x7 at batch 128.
+  # 7x7 at batch 128: the forward (with the moments) and the backward kernel.
   x = jax.ShapeDtypeStruct((128, grid, grid, channels), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((kernel, kernel, channels), jnp.bfloat16)
-  fn = jax.jit(lambda x, g, k: depthwise_pallas.depthwise_backward(x, g, k))
-  text = fn.trace(x, x, k).lower(lowering_platforms=('cuda',)).as_text()
-  assert text.count('custom_call @__gpu$xla.gpu.triton') == 1
+  b = jax.ShapeDtypeStruct((channels,), jnp.float32)
+  for fn, args in [
+    (lambda x, k, b: depthwise_pallas.depthwise_forward(x, k, b), (x, k, b)),
+    (lambda x, g, k: depthwise_pallas.depthwise_backward(x, g, k), (x, x, k)),
+  ]:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+    assert text.count('custom_call @__gpu$xla.gpu.triton') == 1
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_pallas_depthwise_forward_gives_the_moments_batch_norm_would_compute(dtype):
+  # W = 10 pads to 16 columns: the padding must not enter the statistics.
+  keys = jax.random.split(jax.random.key(5), 3)
+  x = (jax.random.normal(keys[0], (3, 9, 10, 16)) * 2 + 1).astype(dtype)
+  w = jax.random.normal(keys[1], (3, 3, 1, 16))
+  b = jax.random.normal(keys[2], (16,)) + 3  # a mean far from 0 tests the variance's accuracy
+  y, (mean, var) = jax.jit(lambda x, w, b: ops.depthwise_conv_with_moments(x, w, b, impl='pallas'))(
+    x, w, b
+  )
+  y_taps = ops.depthwise_conv(x, w, b, impl='taps')
+  np.testing.assert_allclose(
+    y.astype(jnp.float32), y_taps.astype(jnp.float32), rtol=1e-6, atol=1e-5
+  )
+  ref_mean, ref_var = ops._moments(y)
+  np.testing.assert_allclose(mean, ref_mean, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(var, ref_var, rtol=1e-5)
+  assert ops.depthwise_conv_with_moments(x, w, b, impl='taps')[1] is None
+
+
+def test_mlp_with_the_pallas_depthwise_trains_as_with_taps():
+  """The FFN with impl 'pallas' (Pallas conv forward and backward, its moments replacing
+  mid_norm's statistics passes) against 'taps': output, every gradient and the running stats."""
+  from vcmamba_jax.models.layers import Mlp
+
+  x = jax.random.normal(jax.random.key(1), (2, 6, 7, 8))
+  variables = Mlp(16).init(jax.random.key(0), x, train=False)
+
+  def run(impl):
+    def loss(params):
+      y, updates = Mlp(16, depthwise_impl=impl).apply(
+        {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+      )
+      return jnp.sum(y * jnp.cos(y)), (y, updates)
+
+    (_, (y, updates)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+    return y, updates, grads
+
+  with jax.default_matmul_precision('highest'):
+    got, want = run('pallas'), run('taps')
+  for name, a, r in zip(['output', 'batch_stats', 'grads'], got, want):
+    # The biases of fc1, mid and fc2 feed a BatchNorm: their exact gradient is 0, what both
+    # compute is float noise, so the absolute bound scales with the largest value of the tree.
+    atol = 1e-6 * max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(r))
+    jax.tree.map(
+      lambda a, r, name=name, atol=atol: np.testing.assert_allclose(
+        a, r, rtol=1e-5, atol=atol, err_msg=name
+      ),
+      a,
+      r,
+    )
 
 
 def test_depthwise_conv_rejects_a_dense_kernel():

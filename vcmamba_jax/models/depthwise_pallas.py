@@ -1,20 +1,24 @@
-"""Backward pass of the KxK depthwise convolution as one Pallas/Triton kernel (GPUs).
+"""The KxK depthwise convolution as Pallas/Triton kernels (GPUs): a forward pass that also gives
+its output's batch moments, and the backward pass.
 
 Why: in an H100 profile of B's train step (docs/benchmarks/h100_bf16_profile_b_train.json) the
 XLA formulation of the taps VJP (`ops._depthwise_taps_bwd`) costs ~22 ms: the K*K kernel-gradient
 sums of a stage-1 block run as 6 reduction kernels (1.16 ms against ~0.12 ms of bytes) and the
-input gradient is a 9-tap stencil fused into BatchNorm's backward. This kernel reads x and the
-output gradient g once per program row (the K*K shifted reads hit the cache) and writes the input
-gradient and per-image kernel-gradient partials in the same pass.
+input gradient is a 9-tap stencil fused into BatchNorm's backward. The backward kernel reads x and
+the output gradient g once per program row (the K*K shifted reads hit the cache) and writes the
+input gradient and per-image kernel-gradient partials in the same pass. The forward (6.6 ms in
+that profile, the taps fused into the next BatchNorm's mean) writes y and, from the rows it holds
+in registers, each image's mean and sum of squared deviations, so that BatchNorm skips both
+statistics passes (`ops.batch_norm_train(..., moments=...)`).
 
 Layout: one program owns (image, block of channels) and walks the H rows. Loads are power-of-two
-tiles [Wp, block] (Wp = W rounded up to a power of two) from x and g zero-padded in W only, so
+tiles [Wp, block] (Wp = W rounded up to a power of two) from inputs zero-padded in W only, so
 every load is in bounds (the Pallas interpreter clamps out-of-bounds loads instead of masking
-them); rows outside the image are clamped and multiplied by zero. The input gradient is written
-at width Wp and sliced to W by the caller.
+them); rows outside the image are clamped and multiplied by zero. Outputs are written at width
+Wp and sliced to W by the caller.
 
-Opt-in (`depthwise_impl='pallas'`) until it is measured on a GPU; checked against the XLA VJP in
-tests (interpret mode on the CPU) and by `scripts/check_kernels.py` on the GPU.
+Opt-in (`depthwise_impl='pallas'`) until it is measured on a GPU; checked against the XLA
+formulation in tests (interpret mode on the CPU) and by `scripts/check_kernels.py` on the GPU.
 """
 
 from __future__ import annotations
@@ -128,17 +132,110 @@ def depthwise_backward(
   return dx[:, :, :width, :], dk.sum(axis=0).reshape(ksize, ksize, channels)
 
 
+def _fwd_kernel(xp_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize):
+  """xp_ref [H, Wp + 2p, blk] (x zero-padded in W), k_ref [K*K, blk], b_ref [1, blk] ->
+  y_ref [H, Wp, blk] (columns >= W unused) and stats_ref [2, blk]: the image's mean and sum of
+  squared deviations of y over its H*W pixels (float32, rows merged with Chan's formula, so the
+  variance has the accuracy of a two-pass one)."""
+  from jax.experimental import pallas as pl
+
+  f32 = jnp.float32
+  pad = ksize // 2
+  kern = [k_ref[t, :].astype(f32) for t in range(ksize * ksize)]
+  bias = b_ref[0, :].astype(y_ref.dtype).astype(f32)
+  valid = jax.lax.broadcasted_iota(jnp.int32, (width_p, 1), 0) < width
+
+  def row(h, carry):
+    mean, m2 = carry
+    acc = None
+    for di in range(ksize):
+      r = h + di - pad
+      ok = (r >= 0) & (r < height)
+      x_row = jnp.clip(r, 0, height - 1)
+      for dj in range(ksize):
+        xs = xp_ref[x_row, pl.ds(dj, width_p), :].astype(f32)
+        term = jnp.where(ok, xs * kern[di * ksize + dj][None, :], 0.0)
+        acc = term if acc is None else acc + term
+    # As ops.depthwise_conv's taps: the bias added in float32, one rounding.
+    y = (acc + bias[None, :]).astype(y_ref.dtype)
+    y_ref[h, :, :] = y
+    yf = jnp.where(valid, y.astype(f32), 0.0)
+    row_mean = jnp.sum(yf, axis=0) / width
+    row_m2 = jnp.sum(jnp.where(valid, jnp.square(yf - row_mean[None, :]), 0.0), axis=0)
+    seen = (h * width).astype(f32)
+    total = seen + width
+    delta = row_mean - mean
+    mean = mean + delta * (width / total)
+    m2 = m2 + row_m2 + jnp.square(delta) * (seen * width / total)
+    return mean, m2
+
+  zeros = jnp.zeros(bias.shape, f32)
+  mean, m2 = jax.lax.fori_loop(0, height, row, (zeros, zeros))
+  stats_ref[0, :] = mean
+  stats_ref[1, :] = m2
+
+
+def depthwise_forward(
+  x: jax.Array, kernel: jax.Array, bias: jax.Array, *, interpret: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """y = correlate(x, kernel) + bias (stride 1, zero padding K//2, NHWC), and y's batch moments.
+
+  Args:
+    x: [B, H, W, C].
+    kernel: [K, K, C], K odd.
+    bias: [C].
+    interpret: run in the Pallas interpreter (any backend; for tests).
+  Returns:
+    (y [B, H, W, C] in x's dtype, mean [C], biased variance [C]), the moments float32 over
+    (B, H, W) of y as stored: what train-mode BatchNorm computes from y.
+  """
+  from jax.experimental import pallas as pl
+
+  batch, height, width, channels = x.shape
+  ksize = kernel.shape[0]
+  pad = ksize // 2
+  width_p = _next_pow2(width)
+  block = channel_block(channels, width_p, ksize)
+  xp = jnp.pad(x, ((0, 0), (0, 0), (pad, width_p + pad - width), (0, 0)))
+  y, stats = pl.pallas_call(
+    functools.partial(_fwd_kernel, height=height, width=width, width_p=width_p, ksize=ksize),
+    out_shape=(
+      jax.ShapeDtypeStruct((batch, height, width_p, channels), x.dtype),
+      jax.ShapeDtypeStruct((batch, 2, channels), jnp.float32),
+    ),
+    grid=(batch, channels // block),
+    in_specs=[
+      pl.BlockSpec((None, height, width_p + 2 * pad, block), lambda b, c: (b, 0, 0, c)),
+      pl.BlockSpec((ksize * ksize, block), lambda b, c: (0, c)),
+      pl.BlockSpec((1, block), lambda b, c: (0, c)),
+    ],
+    out_specs=(
+      pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
+      pl.BlockSpec((None, 2, block), lambda b, c: (b, 0, c)),
+    ),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(4),
+    interpret=interpret,
+  )(xp, kernel.reshape(ksize * ksize, channels), bias.reshape(1, channels))
+  # Merge the images' moments (each over H*W pixels) with Chan's formula.
+  image_mean, image_m2 = stats[:, 0], stats[:, 1]
+  mean = image_mean.mean(axis=0)
+  m2 = image_m2.sum(axis=0) + height * width * jnp.square(image_mean - mean).sum(axis=0)
+  return y[:, :, :width, :], mean, m2 / (batch * height * width)
+
+
 @functools.cache
 def available() -> bool:
-  """Whether the kernel compiles and runs on the default backend (a GPU); False, with one logged
-  line, on other backends or if Pallas's Triton backend fails (callers then use the XLA VJP)."""
+  """Whether both kernels compile and run on the default backend (a GPU); False, with one logged
+  line, on other backends or if Pallas's Triton backend fails (callers then use the XLA
+  formulation)."""
   if jax.default_backend() != 'gpu':
     return False
 
   def run():
     x = np.ones((1, 4, 4, 16), np.float32)
-    fn = jax.jit(lambda x, g, k: depthwise_backward(x, g, k))
-    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, x, x[0, :3, :3])]
-    np.asarray(fn.lower(*specs).compile()(x, x, x[0, :3, :3])[0])
+    k, b = x[0, :3, :3], x[0, 0, 0]
+    for fn, args in [(depthwise_forward, (x, k, b)), (depthwise_backward, (x, x, k))]:
+      specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+      np.asarray(jax.jit(fn).lower(*specs).compile()(*args)[0])
 
-  return pallas_gpu.probe(run, 'Pallas depthwise backward', "the XLA formulation ('taps')")
+  return pallas_gpu.probe(run, 'Pallas depthwise conv', "the XLA formulation ('taps')")

@@ -69,9 +69,10 @@ def _shifted(xp: jax.Array, di: int, dj: int, height: int, width: int) -> jax.Ar
   return jax.lax.slice_in_dim(rows, dj, dj + width, axis=2)
 
 
-def _taps_correlate(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """sum_t shift_t(pad(x)) * kernel[t] with float32 accumulation; x [B, H, W, C], kernel
-  [K, K, C]. Cross-correlation with zero padding K//2 (as lax.conv / torch)."""
+def _taps_correlate(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """sum_t shift_t(pad(x)) * kernel[t] (+ bias) with float32 accumulation, rounded once to x's
+  dtype (as cuDNN adds a bias in PyTorch's autocast); x [B, H, W, C], kernel [K, K, C], bias
+  [C]. Cross-correlation with zero padding K//2 (as lax.conv / torch)."""
   _, height, width, _ = x.shape
   k = kernel.shape[0]
   pad = k // 2
@@ -85,20 +86,22 @@ def _taps_correlate(x: jax.Array, kernel: jax.Array) -> jax.Array:
     for dj in range(k):
       term = _shifted(xp, di, dj, height, width).astype(jnp.float32) * w[di, dj]
       acc = term if acc is None else acc + term
+  if bias is not None:
+    acc = acc + bias.astype(x.dtype).astype(jnp.float32)
   return acc.astype(x.dtype)
 
 
 @jax.custom_vjp
-def _depthwise_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return _taps_correlate(x, kernel)
+def _depthwise_taps(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  return _taps_correlate(x, kernel, bias)
 
 
-def _depthwise_taps_fwd(x, kernel):
-  return _taps_correlate(x, kernel), (x, kernel)
+def _depthwise_taps_fwd(x, kernel, bias):
+  return _taps_correlate(x, kernel, bias), (x, kernel, bias)
 
 
 def _depthwise_taps_bwd(residuals, g):
-  x, kernel = residuals
+  x, kernel, bias = residuals
   x, g = jax.lax.optimization_barrier((x, g))  # see _taps_correlate
   _, height, width, _ = x.shape
   k = kernel.shape[0]
@@ -116,31 +119,77 @@ def _depthwise_taps_bwd(residuals, g):
       for dj in range(k)
     ]
   ).reshape(kernel.shape)
-  return dx, dkernel.astype(kernel.dtype)
+  # The bias gradient summed in float32 (autodiff of a bfloat16 bias add sums in bfloat16: 8%
+  # off at 28x28x256, batch 2), a sibling of the reductions above.
+  dbias = jnp.sum(g32, axis=(0, 1, 2))
+  return dx, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype)
 
 
 _depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_taps_pallas(x: jax.Array, kernel: jax.Array, interpret: bool) -> jax.Array:
-  return _taps_correlate(x, kernel)
-
-
-def _depthwise_taps_pallas_fwd(x, kernel, interpret):
-  del interpret
-  return _depthwise_taps_fwd(x, kernel)
-
-
-def _depthwise_taps_pallas_bwd(interpret, residuals, g):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _depthwise_pallas(x, kernel, bias, interpret):
   from vcmamba_jax.models import depthwise_pallas
 
-  x, kernel = residuals
+  return depthwise_pallas.depthwise_forward(x, kernel, bias, interpret=interpret)
+
+
+def _depthwise_pallas_fwd(x, kernel, bias, interpret):
+  return _depthwise_pallas(x, kernel, bias, interpret), (x, kernel, bias)
+
+
+def _depthwise_pallas_bwd(interpret, residuals, cotangents):
+  from vcmamba_jax.models import depthwise_pallas
+
+  x, kernel, bias = residuals
+  g = cotangents[0]  # the moments leave through stop_gradient (depthwise_conv_with_moments)
   dx, dkernel = depthwise_pallas.depthwise_backward(x, g, kernel, interpret=interpret)
-  return dx, dkernel.astype(kernel.dtype)
+  dbias = jnp.sum(g.astype(jnp.float32), axis=(0, 1, 2))
+  return dx, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype)
 
 
-_depthwise_taps_pallas.defvjp(_depthwise_taps_pallas_fwd, _depthwise_taps_pallas_bwd)
+_depthwise_pallas.defvjp(_depthwise_pallas_fwd, _depthwise_pallas_bwd)
+
+
+def depthwise_conv_with_moments(
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array,
+  *,
+  impl: DepthwiseImpl = 'auto',
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+  """``depthwise_conv`` and, where the implementation gives them for free, the batch mean and
+  biased variance of its output (float32, over all axes but the last), else None.
+
+  impl 'pallas' computes them in the conv's own pass (a following train-mode BatchNorm then
+  skips its two statistics passes: ``batch_norm_train(..., moments=...)``). They leave through
+  ``stop_gradient``: BatchNorm's VJP already carries the gradient through its statistics.
+  """
+  if _resolve_depthwise_impl(impl) != 'pallas':
+    return depthwise_conv(x, kernel, bias, impl=impl), None
+  check_depthwise_kernel(kernel)
+  kernel = kernel.astype(x.dtype)
+  interpret = jax.default_backend() != 'gpu'
+  y, mean, var = _depthwise_pallas(x, kernel[:, :, 0, :], bias, interpret)
+  return y, (jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
+
+
+def check_depthwise_kernel(kernel: jax.Array) -> None:
+  if kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[0] % 2 != 1:
+    raise ValueError(f'expected a [K, K, 1, C] depthwise kernel with K odd, got {kernel.shape}')
+
+
+def _resolve_depthwise_impl(impl: DepthwiseImpl) -> DepthwiseImpl:
+  """'auto' -> 'taps'; 'pallas' -> 'taps' on a GPU where Pallas's Triton backend fails (one
+  logged line); elsewhere 'pallas' runs the Pallas interpreter (tests)."""
+  if impl == 'auto':
+    return 'taps'
+  if impl == 'pallas' and jax.default_backend() == 'gpu':
+    from vcmamba_jax.models import depthwise_pallas
+
+    return 'pallas' if depthwise_pallas.available() else 'taps'
+  return impl
 
 
 def depthwise_conv(
@@ -158,28 +207,23 @@ def depthwise_conv(
     bias: optional [C].
     impl: 'taps' (K*K shifted multiply-adds, hand-written VJP; float32 accumulation),
       'xla' (lax.conv_general_dilated: cuDNN on GPUs), 'matmul' (a per-channel [HW, HW] matrix;
-      small grids only), 'pallas' (the taps forward with the backward pass as one Pallas kernel,
+      small grids only), 'pallas' (forward and backward each one Pallas kernel,
       models/depthwise_pallas.py: on GPUs, else the Pallas interpreter; falls back to 'taps' with
       a logged line where Pallas's Triton backend fails), 'auto' = 'taps'.
   Returns:
     [B, H, W, C] in x's dtype.
   """
-  if kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[0] % 2 != 1:
-    raise ValueError(f'expected a [K, K, 1, C] depthwise kernel with K odd, got {kernel.shape}')
+  check_depthwise_kernel(kernel)
   channels = x.shape[-1]
-  if impl == 'auto':
-    impl = 'taps'
-  kernel = kernel.astype(x.dtype)
+  impl = _resolve_depthwise_impl(impl)
+  if bias is None and impl in ('taps', 'pallas'):
+    bias = jnp.zeros((channels,), jnp.float32)
   if impl == 'pallas':
-    from vcmamba_jax.models import depthwise_pallas
-
-    on_gpu = jax.default_backend() == 'gpu'
-    impl = 'taps' if on_gpu and not depthwise_pallas.available() else impl
+    return depthwise_conv_with_moments(x, kernel, bias, impl=impl)[0]
+  kernel = kernel.astype(x.dtype)
   if impl == 'taps':
-    y = _depthwise_taps(x, kernel[:, :, 0, :])
-  elif impl == 'pallas':
-    y = _depthwise_taps_pallas(x, kernel[:, :, 0, :], not on_gpu)
-  elif impl == 'matmul':
+    return _depthwise_taps(x, kernel[:, :, 0, :], bias)
+  if impl == 'matmul':
     y = _depthwise_as_matmul(x, kernel[:, :, 0, :])
   elif impl == 'xla':
     pad = kernel.shape[0] // 2
@@ -192,7 +236,9 @@ def depthwise_conv(
       feature_group_count=channels,
     )
   else:
-    raise ValueError(f"depthwise impl must be 'auto', 'taps', 'xla' or 'matmul', got {impl!r}")
+    raise ValueError(
+      f"depthwise impl must be 'auto', 'taps', 'xla', 'matmul' or 'pallas', got {impl!r}"
+    )
   if bias is not None:
     y = y + bias.astype(y.dtype)
   return y
@@ -244,9 +290,13 @@ def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return mean, var
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def batch_norm_train(
-  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, activation: Activation
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  epsilon: float,
+  activation: Activation,
+  moments: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Train-mode BatchNorm over all axes but the last, then `activation`.
 
@@ -255,15 +305,26 @@ def batch_norm_train(
     scale, bias: [C] float32 affine parameters.
     epsilon: added to the variance.
     activation: 'none' | 'relu' | 'gelu' (exact erf GELU), applied after the affine.
+    moments: x's batch mean and biased variance [C] float32 where the producer of x computed
+      them in its own pass (``depthwise_conv_with_moments``), else None (computed here, two
+      passes). Given moments must be those of x: the VJP differentiates through them as such.
   Returns:
     (y in x's dtype, batch mean [C], biased batch variance [C]); mean/var float32.
   """
+  if moments is None:
+    return _batch_norm_train(x, scale, bias, epsilon, activation)
+  mean, var = (jax.lax.stop_gradient(m) for m in moments)
+  return _batch_norm_given_moments(x, scale, bias, mean, var, epsilon, activation), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(x, scale, bias, epsilon, activation):
   y, mean, var, _ = _bn_forward(x, scale, bias, epsilon, activation)
   return y, mean, var
 
 
-def _bn_forward(x, scale, bias, epsilon, activation):
-  mean, var = _moments(x)
+def _bn_forward(x, scale, bias, epsilon, activation, moments=None):
+  mean, var = _moments(x) if moments is None else moments
   rstd = jax.lax.rsqrt(var + epsilon)
   z = (x.astype(jnp.float32) - mean) * (scale * rstd) + bias
   return activate(z, activation).astype(x.dtype), mean, var, rstd
@@ -274,10 +335,9 @@ def _bn_fwd(x, scale, bias, epsilon, activation):
   return (y, mean, var), (x, scale, bias, mean, rstd)
 
 
-def _bn_bwd(epsilon, activation, residuals, cotangents):
-  del epsilon
+def _bn_backward(activation, residuals, dy):
+  """dx, dscale, dbias, xhat of y = act(BN(x)), the batch statistics' dependence on x included."""
   x, scale, bias, mean, rstd = residuals
-  dy, dmean, dvar = cotangents
   axes = tuple(range(x.ndim - 1))
   count = math.prod(x.shape[:-1])
   xhat = (x.astype(jnp.float32) - mean) * rstd
@@ -288,10 +348,40 @@ def _bn_bwd(epsilon, activation, residuals, cotangents):
   dbias = jnp.sum(dz, axis=axes)
   dscale = jnp.sum(dz * xhat, axis=axes)
   dx = (scale * rstd) * (dz - (dbias + xhat * dscale) / count)
+  return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype), xhat
+
+
+def _bn_bwd(epsilon, activation, residuals, cotangents):
+  del epsilon
+  x, _, _, _, rstd = residuals
+  dy, dmean, dvar = cotangents
+  dx, dscale, dbias, xhat = _bn_backward(activation, residuals, dy)
   # The statistics are outputs too (running averages); their cotangents are zero in training,
   # kept for exactness if someone differentiates through them.
+  count = math.prod(x.shape[:-1])
   dx = dx + dmean / count + dvar * (2.0 / count) * (xhat / rstd)
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+  return dx.astype(x.dtype), dscale, dbias
 
 
-batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+_batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _batch_norm_given_moments(x, scale, bias, mean, var, epsilon, activation):
+  return _bn_forward(x, scale, bias, epsilon, activation, (mean, var))[0]
+
+
+def _bn_given_fwd(x, scale, bias, mean, var, epsilon, activation):
+  y, _, _, rstd = _bn_forward(x, scale, bias, epsilon, activation, (mean, var))
+  return y, (x, scale, bias, mean, rstd)
+
+
+def _bn_given_bwd(epsilon, activation, residuals, dy):
+  del epsilon
+  x, _, _, mean, rstd = residuals
+  dx, dscale, dbias, _ = _bn_backward(activation, residuals, dy)
+  # The moments are those of x: dx above already holds their dependence on it.
+  return dx.astype(x.dtype), dscale, dbias, jnp.zeros_like(mean), jnp.zeros_like(rstd)
+
+
+_batch_norm_given_moments.defvjp(_bn_given_fwd, _bn_given_bwd)
