@@ -11,8 +11,9 @@
 #   bash docs/pending/device_call.sh step '{"group": 1}'   # ~6 min: B main vs patched, that setting
 #   bash docs/pending/device_call.sh compile          # ~6 min: B's cold train-step compile, XLA flags
 #   bash docs/pending/device_call.sh combo            # ~9 min: the decisions of kernels + step in one
-#     call: Pallas depthwise checks, the scan sweep, then B's train+eval steps on main, the train step
-#     with depthwise_impl=pallas, and train+eval on the patched tree with the sweep's fastest setting
+#     call, most wanted first: B's train+eval steps on main, the train step with
+#     depthwise_impl=pallas, the Pallas depthwise checks, the scan sweep, then train+eval on the
+#     patched tree with the sweep's fastest setting with the sweep's fastest setting
 set -u
 export PYTHONUNBUFFERED=1
 if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != combo ]]; then
@@ -70,6 +71,16 @@ case "${1:-}" in
     ;;
   combo)
     mkdir -p /tmp/logs
+    train_flags="${B_FLAGS%--modes*} --modes=train_synthetic"
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_main main_py timeout 140 python3 scripts/benchmark.py \
+      $B_FLAGS --json_out="$OUT/b_main.json" > "/tmp/logs/b_main.log" 2>&1
+    elapsed b_main $?
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_dw main_py timeout 120 python3 scripts/benchmark.py \
+      $train_flags --config.model.depthwise_impl=pallas --json_out="$OUT/b_dw.json" \
+      > "/tmp/logs/b_dw.log" 2>&1
+    elapsed b_dw_pallas $?
     main_py timeout 80 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
       --only pallas > "$OUT/check_pallas.log" 2>&1
     elapsed check_pallas $?
@@ -83,16 +94,6 @@ case "${1:-}" in
 d = json.loads(sys.stdin.read())
 print(json.dumps(d if isinstance(d, dict) and "setting" not in d else {}))' 2> /dev/null || echo '{}')
     echo "fastest setting: $best"
-    train_flags="${B_FLAGS%--modes*} --modes=train_synthetic"
-    # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_main main_py timeout 140 python3 scripts/benchmark.py \
-      $B_FLAGS --json_out="$OUT/b_main.json" > "/tmp/logs/b_main.log" 2>&1
-    elapsed b_main $?
-    # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_dw main_py timeout 120 python3 scripts/benchmark.py \
-      $train_flags --config.model.depthwise_impl=pallas --json_out="$OUT/b_dw.json" \
-      > "/tmp/logs/b_dw.log" 2>&1
-    elapsed b_dw_pallas $?
     # shellcheck disable=SC2086
     JAX_COMPILATION_CACHE_DIR=/tmp/cache_patched patched_py timeout 140 python3 \
       "$ROOT/docs/pending/run_with_kernel_config.py" "$best" scripts/benchmark.py \
