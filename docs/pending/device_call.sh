@@ -16,8 +16,8 @@
 #     patched tree with the sweep's fastest setting with the sweep's fastest setting
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != combo ]]; then
-  echo "usage (from the repo root): bash docs/pending/device_call.sh kernels | step '<KernelConfig JSON>' | compile | combo" >&2
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != combo && "${1:-}" != dw ]]; then
+  echo "usage (from the repo root): bash docs/pending/device_call.sh kernels | step '<KernelConfig JSON>' | compile | combo | dw" >&2
   exit 2
 fi
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -32,6 +32,12 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env
 start=$(date +%s)
 elapsed() { echo "$1 rc=$2 $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt"; }
 main_py() { PYTHONPATH=$ROOT:/tmp/site "$@"; }
+bench_logs() {  # at most 8 files come back from a device call: the benchmarks' logs as one
+  for f in "$@"; do
+    echo "== $f" && grep -v '^[EWI][0-9]' "/tmp/logs/$f.log" | tail -n 40
+  done > "$OUT/bench_logs.txt"
+  grep -E '^==|_synthetic|compile|Pallas|fall' "$OUT/bench_logs.txt" | cut -c1-160
+}
 patched_py() { (cd /tmp/p && PYTHONPATH=/tmp/p:/tmp/site "$@"); }
 B_FLAGS="--config=vcmamba_jax/configs/vcmamba_b.py --config.model.dtype=bfloat16 \
   --config.distillation.type=none --config.global_batch_size=128 --config.eval_batch_size=256 \
@@ -69,12 +75,14 @@ case "${1:-}" in
     elapsed b_patched $?
     tail -n 12 "$OUT/b_main.log" "$OUT/b_patched.log"
     ;;
-  combo)
+  combo | dw)
     mkdir -p /tmp/logs
     train_flags="${B_FLAGS%--modes*} --modes=train_synthetic"
+    main_flags=$B_FLAGS
+    [[ "$1" == dw ]] && main_flags=$train_flags
     # shellcheck disable=SC2086
     JAX_COMPILATION_CACHE_DIR=/tmp/cache_main main_py timeout 140 python3 scripts/benchmark.py \
-      $B_FLAGS --json_out="$OUT/b_main.json" > "/tmp/logs/b_main.log" 2>&1
+      $main_flags --json_out="$OUT/b_main.json" > "/tmp/logs/b_main.log" 2>&1
     elapsed b_main $?
     # shellcheck disable=SC2086
     JAX_COMPILATION_CACHE_DIR=/tmp/cache_dw main_py timeout 120 python3 scripts/benchmark.py \
@@ -85,6 +93,10 @@ case "${1:-}" in
       --only pallas > "$OUT/check_pallas.log" 2>&1
     elapsed check_pallas $?
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-110
+    if [[ "$1" == dw ]]; then
+      bench_logs b_main b_dw
+      exit 0
+    fi
     patched_py timeout 90 python3 "$ROOT/docs/pending/scan_sweep.py" --batch 128 \
       > "$OUT/sweep.log" 2>&1
     elapsed sweep $?
@@ -99,11 +111,7 @@ print(json.dumps(d if isinstance(d, dict) and "setting" not in d else {}))' 2> /
       "$ROOT/docs/pending/run_with_kernel_config.py" "$best" scripts/benchmark.py \
       $B_FLAGS --json_out="$OUT/b_patched.json" > "/tmp/logs/b_patched.log" 2>&1
     elapsed b_patched $?
-    # At most 8 files come back from a device call: the benchmarks' logs go back as one file.
-    for f in b_main b_dw b_patched; do
-      echo "== $f" && grep -v '^[EWI][0-9]' "/tmp/logs/$f.log" | tail -n 40
-    done > "$OUT/bench_logs.txt"
-    grep -E '^==|_synthetic|compile|Pallas|fall' "$OUT/bench_logs.txt" | cut -c1-160
+    bench_logs b_main b_dw b_patched
     ;;
   compile)
     # Issue 10 wants B's train step compiled cold in <= 60 s (76 s on an H200, 2026-12-02). Where
