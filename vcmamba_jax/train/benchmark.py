@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from ml_collections import ConfigDict
 
 from vcmamba_jax import data as data_lib
@@ -148,12 +149,15 @@ def benchmark(
   """
   device_kind = jax.devices()[0].device_kind
   peak = peak or peak_tflops(device_kind, config.model.dtype)
+  began = time.perf_counter()
   try:
     source = builders.train_source(config)
     steps_per_epoch = builders.steps_per_epoch(config, len(source))
   except (FileNotFoundError, ValueError, ImportError) as e:  # no dataset or no TFDS: synthetic
     source, data_error, steps_per_epoch = None, str(e).splitlines()[0], 1000
   built = setup(config, steps_per_epoch)
+  # Progress with times, so that a run cut short by a time limit still says where it was.
+  logging.info('benchmark: set up (state initialised) after %.1f s', time.perf_counter() - began)
   mesh, state, teacher = built['mesh'], built['state'], built['teacher']
   teacher_variables = built['teacher_variables']
   size = config.model.img_size
@@ -184,6 +188,11 @@ def benchmark(
   start = time.perf_counter()
   compiled_train = built['train_step'].lower(state, batch, teacher_variables).compile()
   report['train_compile_s'] = time.perf_counter() - start
+  logging.info(
+    'benchmark: train step compiled in %.1f s (%.1f s in all)',
+    report['train_compile_s'],
+    time.perf_counter() - began,
+  )
   train_flops = _flops_per_device(compiled_train)
 
   if 'train_synthetic' in modes:
