@@ -6,10 +6,10 @@ XLA formulation of the taps VJP (`ops._depthwise_taps_bwd`) costs ~22 ms: the K*
 sums of a stage-1 block run as 6 reduction kernels (1.16 ms against ~0.12 ms of bytes) and the
 input gradient is a 9-tap stencil fused into BatchNorm's backward. The backward kernel reads x and
 the output gradient g once per program row (the K*K shifted reads hit the cache) and writes the
-input gradient and per-image kernel-gradient partials in the same pass. The forward (6.6 ms in
-that profile, the taps fused into the next BatchNorm's mean) writes y and, from the rows it holds
-in registers, each image's mean and sum of squared deviations, so that BatchNorm skips both
-statistics passes (`ops.batch_norm_train(..., moments=...)`).
+input gradient and per-image kernel- and bias-gradient partials in the same pass. The forward
+(6.6 ms in that profile, the taps fused into the next BatchNorm's mean) writes y and, from the
+rows it holds in registers, each image's mean and sum of squared deviations, so that BatchNorm
+skips both statistics passes (`ops.batch_norm_train(..., moments=...)`).
 
 Layout: one program owns (image, block of channels) and walks the H rows. Loads are power-of-two
 tiles [Wp, block] (Wp = W rounded up to a power of two) from inputs zero-padded in W only, so
@@ -53,7 +53,8 @@ def _prev_pow2(n: int) -> int:
 
 def _bwd_kernel(xp_ref, gp_ref, k_ref, dx_ref, dk_ref, *, height, width_p, ksize):
   """xp_ref, gp_ref [H, Wp + 2p, blk] (x and g, zero-padded in W: column c holds column c - p);
-  k_ref [K*K, blk] -> dx_ref [H, Wp, blk] (columns >= W unused), dk_ref [K*K, blk] float32."""
+  k_ref [K*K, blk] -> dx_ref [H, Wp, blk] (columns >= W unused), dk_ref [K*K + 1, blk] float32:
+  the image's kernel-gradient partials, then its bias-gradient partial (the sum of g)."""
   from jax.experimental import pallas as pl
 
   f32 = jnp.float32
@@ -82,18 +83,19 @@ def _bwd_kernel(xp_ref, gp_ref, k_ref, dx_ref, dk_ref, *, height, width_p, ksize
         term = jnp.where(g_ok, gs * kern[t][None, :], 0.0)
         dx = term if dx is None else dx + term
     dx_ref[h, :, :] = dx.astype(dx_ref.dtype)
+    acc[taps] = acc[taps] + jnp.sum(g_row, axis=0)
     return tuple(acc)
 
   zeros = jnp.zeros(kern[0].shape, f32)
-  acc = jax.lax.fori_loop(0, height, row, (zeros,) * taps)
-  for t in range(taps):
+  acc = jax.lax.fori_loop(0, height, row, (zeros,) * (taps + 1))
+  for t in range(taps + 1):
     dk_ref[t, :] = acc[t]
 
 
 def depthwise_backward(
   x: jax.Array, g: jax.Array, kernel: jax.Array, *, interpret: bool = False
-) -> tuple[jax.Array, jax.Array]:
-  """Gradients of y = correlate(x, kernel) (stride 1, zero padding K//2, NHWC).
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Gradients of y = correlate(x, kernel) + bias (stride 1, zero padding K//2, NHWC).
 
   Args:
     x: [B, H, W, C] the conv's input.
@@ -101,7 +103,7 @@ def depthwise_backward(
     kernel: [K, K, C], K odd.
     interpret: run in the Pallas interpreter (any backend; for tests).
   Returns:
-    (dx [B, H, W, C] in x's dtype, dkernel [K, K, C] float32).
+    (dx [B, H, W, C] in x's dtype, dkernel [K, K, C] float32, dbias [C] float32).
   """
   from jax.experimental import pallas as pl
 
@@ -118,18 +120,19 @@ def depthwise_backward(
     functools.partial(_bwd_kernel, height=height, width_p=width_p, ksize=ksize),
     out_shape=(
       jax.ShapeDtypeStruct((batch, height, width_p, channels), x.dtype),
-      jax.ShapeDtypeStruct((batch, ksize * ksize, channels), jnp.float32),
+      jax.ShapeDtypeStruct((batch, ksize * ksize + 1, channels), jnp.float32),
     ),
     grid=(batch, channels // block),
     in_specs=[padded, padded, pl.BlockSpec((ksize * ksize, block), lambda b, c: (0, c))],
     out_specs=(
       pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
-      pl.BlockSpec((None, ksize * ksize, block), lambda b, c: (b, 0, c)),
+      pl.BlockSpec((None, ksize * ksize + 1, block), lambda b, c: (b, 0, c)),
     ),
     compiler_params=None if interpret else pallas_gpu.compiler_params(4),
     interpret=interpret,
   )(xp, gp, kernel.reshape(ksize * ksize, channels))
-  return dx[:, :, :width, :], dk.sum(axis=0).reshape(ksize, ksize, channels)
+  sums = dk.sum(axis=0)
+  return dx[:, :, :width, :], sums[:-1].reshape(ksize, ksize, channels), sums[-1]
 
 
 def _fwd_kernel(xp_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize):

@@ -144,8 +144,7 @@ def _depthwise_pallas_bwd(interpret, residuals, cotangents):
 
   x, kernel, bias = residuals
   g = cotangents[0]  # the moments leave through stop_gradient (depthwise_conv_with_moments)
-  dx, dkernel = depthwise_pallas.depthwise_backward(x, g, kernel, interpret=interpret)
-  dbias = jnp.sum(g.astype(jnp.float32), axis=(0, 1, 2))
+  dx, dkernel, dbias = depthwise_pallas.depthwise_backward(x, g, kernel, interpret=interpret)
   return dx, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype)
 
 
