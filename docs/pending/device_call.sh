@@ -54,7 +54,7 @@ case "${1:-}" in
       --only pallas > "$OUT/check_pallas.log" 2>&1
     elapsed check_pallas $?
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-110
-    main_py timeout 200 python3 docs/pending/ffn_block_variants.py --batch 128 \
+    main_py timeout 240 python3 docs/pending/ffn_block_variants.py --batch 128 \
       --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
     elapsed blocks $?
     grep '^{' "$OUT/blocks.log" | cut -c1-400

@@ -16,7 +16,9 @@ Variants (`dk` = how the kernel gradient is reduced):
 - batch: per-image partial sums [9, B, C], then the batch;
 - bar_dx: the input gradient materialised before BatchNorm's backward consumes it;
 - bar_y: the forward output materialised before the statistics read it;
-- impl pallas: `depthwise_impl='pallas'`, the backward pass as one Pallas kernel.
+- impl pallas: `depthwise_impl='pallas'`, the conv's forward (with the moments mid_norm takes)
+  and backward as Pallas kernels, at several launch configurations
+  (`depthwise_pallas.LaunchConfig`; the fastest becomes its default).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcmamba_jax.models import layers, ops
+from vcmamba_jax.models import depthwise_pallas, layers, ops
 
 STAGES = [(64, 56), (128, 28), (320, 14), (512, 7)]  # (C, grid) of B at 224
 FFN_BLOCKS = (4, 4, 12, 2)  # FFN blocks per stage of B (stage 4 ends in 4 Mamba layers)
@@ -39,8 +41,19 @@ VARIANTS = [
   {'dk': 'batch', 'bar_dx': False, 'bar_y': False},
   {'dk': 'sep', 'bar_dx': True, 'bar_y': False},
   {'dk': 'sep', 'bar_dx': False, 'bar_y': True},
-  # The Pallas backward kernel (models/depthwise_pallas.py): one pass for dx and the kernel grad.
+  # The Pallas kernels (models/depthwise_pallas.py): the forward with the moments mid_norm takes,
+  # the backward in one pass; at its default launch configuration, then others.
   {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas'},
+  *(
+    {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas', 'launch': launch}
+    for launch in (
+      {'tile_elements': 1024},
+      {'tile_elements': 4096},
+      {'num_warps': 8},
+      {'tile_elements': 4096, 'num_warps': 8},
+      {'tile_elements': 1024, 'num_warps': 2},
+    )
+  ),
 ]
 
 
@@ -65,22 +78,25 @@ def _kernel_grad(dk: str, x: jax.Array, g: jax.Array, k: int) -> jax.Array:
 
 
 def use_variant(variant: dict) -> None:
-  def fwd(x, kernel):
-    y = ops._taps_correlate(x, kernel)
+  def fwd(x, kernel, bias):
+    y = ops._taps_correlate(x, kernel, bias)
     if variant['bar_y']:
       y = jax.lax.optimization_barrier(y)
-    return y, (x, kernel)
+    return y, (x, kernel, bias)
 
   def bwd(residuals, g):
-    x, kernel = residuals
+    x, kernel, bias = residuals
     x, g = jax.lax.optimization_barrier((x, g))
     dx = ops._taps_correlate(g.astype(x.dtype), kernel[::-1, ::-1])
     if variant['bar_dx']:
       dx = jax.lax.optimization_barrier(dx)
     dkernel = _kernel_grad(variant['dk'], x, g, kernel.shape[0])
-    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+    dbias = jnp.sum(g.astype(jnp.float32), axis=(0, 1, 2)).astype(bias.dtype)
+    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype), dbias
 
   ops._depthwise_taps.defvjp(fwd, bwd)
+  launch = variant.get('launch')
+  depthwise_pallas.OVERRIDE = depthwise_pallas.LaunchConfig(**launch) if launch else None
 
 
 def time_block(width: int, grid: int, batch: int, impl: str, repeats: int = 20):

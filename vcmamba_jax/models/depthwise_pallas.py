@@ -23,6 +23,7 @@ formulation in tests (interpret mode on the CPU) and by `scripts/check_kernels.p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,19 +32,35 @@ import numpy as np
 
 from vcmamba_jax.models import pallas_gpu
 
-TILE_ELEMENTS = 2048  # target Wp * block of a program's tiles (16 float32 registers a thread)
 ACC_ELEMENTS = 4096  # cap on K*K * block: the kernel-gradient accumulators live in registers
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+  """tile_elements: target Wp * block of a program's tiles (2048: 16 float32 registers a thread
+  at 4 warps); num_warps: Triton warps per program. Both kernels use it."""
+
+  tile_elements: int = 2048
+  num_warps: int = 4
+
+
+# Set by benchmarks to time another launch configuration (None: the defaults).
+OVERRIDE: LaunchConfig | None = None
+
+
+def launch_config() -> LaunchConfig:
+  return OVERRIDE or LaunchConfig()
 
 
 def _next_pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
-def channel_block(channels: int, width_p: int, ksize: int) -> int:
+def channel_block(channels: int, width_p: int, ksize: int, tile_elements: int = 2048) -> int:
   """Largest power of two dividing `channels`, capped so that a [Wp, block] tile is about
-  TILE_ELEMENTS and the K*K accumulators [block] at most ACC_ELEMENTS."""
+  `tile_elements` and the K*K accumulators [block] at most ACC_ELEMENTS."""
   block = channels & -channels  # lowest set bit: the largest power-of-two divisor
-  cap = min(max(16, TILE_ELEMENTS // width_p), max(16, ACC_ELEMENTS // (ksize * ksize)))
+  cap = min(max(16, tile_elements // width_p), max(16, ACC_ELEMENTS // (ksize * ksize)))
   return max(1, min(block, _prev_pow2(cap)))
 
 
@@ -111,7 +128,8 @@ def depthwise_backward(
   ksize = kernel.shape[0]
   pad = ksize // 2
   width_p = _next_pow2(width)
-  block = channel_block(channels, width_p, ksize)
+  launch = launch_config()
+  block = channel_block(channels, width_p, ksize, launch.tile_elements)
   padding = ((0, 0), (0, 0), (pad, width_p + pad - width), (0, 0))
   xp = jnp.pad(x, padding)
   gp = jnp.pad(g.astype(x.dtype), padding)
@@ -128,7 +146,7 @@ def depthwise_backward(
       pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
       pl.BlockSpec((None, ksize * ksize + 1, block), lambda b, c: (b, 0, c)),
     ),
-    compiler_params=None if interpret else pallas_gpu.compiler_params(4),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(launch.num_warps),
     interpret=interpret,
   )(xp, gp, kernel.reshape(ksize * ksize, channels))
   sums = dk.sum(axis=0)
@@ -198,7 +216,8 @@ def depthwise_forward(
   ksize = kernel.shape[0]
   pad = ksize // 2
   width_p = _next_pow2(width)
-  block = channel_block(channels, width_p, ksize)
+  launch = launch_config()
+  block = channel_block(channels, width_p, ksize, launch.tile_elements)
   xp = jnp.pad(x, ((0, 0), (0, 0), (pad, width_p + pad - width), (0, 0)))
   y, stats = pl.pallas_call(
     functools.partial(_fwd_kernel, height=height, width=width, width_p=width_p, ksize=ksize),
@@ -216,7 +235,7 @@ def depthwise_forward(
       pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
       pl.BlockSpec((None, 2, block), lambda b, c: (b, 0, c)),
     ),
-    compiler_params=None if interpret else pallas_gpu.compiler_params(4),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(launch.num_warps),
     interpret=interpret,
   )(xp, kernel.reshape(ksize * ksize, channels), bias.reshape(1, channels))
   # Merge the images' moments (each over H*W pixels) with Chan's formula.
