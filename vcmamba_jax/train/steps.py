@@ -201,8 +201,10 @@ def make_train_step(
     if state.ema:
       new = new.replace(ema=ema_update(state.ema, new.variables(), ema_decay))
     # A non-finite update never reaches the state: the old weights, Adam moments, BN statistics
-    # and EMA are kept (the select fuses into the update, so it costs nothing). Integer leaves,
-    # the optimizer's step counts, still advance so that the lr schedule stays on the step.
+    # and EMA are kept. (The selects are not free on GPUs: an H100 profile of B's step shows them
+    # as 633 small kernels, ~1.2 ms of 82.8; docs/benchmarks/h100_bf16_profile_b_train.json.)
+    # Integer leaves, the optimizer's step counts, still advance so that the lr schedule stays
+    # on the step.
     # Whether the run then stops (default) or goes on is the host's decision, at the next check.
     new = jax.tree.map(
       lambda n, o: n if jnp.issubdtype(n.dtype, jnp.integer) else jnp.where(update_ok, n, o),
