@@ -68,12 +68,13 @@ def _prev_pow2(n: int) -> int:
   return 1 << (n.bit_length() - 1)
 
 
-def _bwd_kernel(xp_ref, gp_ref, k_ref, dx_ref, dk_ref, *, height, width_p, ksize):
+def _bwd_kernel(xp_ref, gp_ref, k_ref, dx_ref, dk_ref, *, height, width, width_p, ksize):
   """xp_ref, gp_ref [H, Wp + 2p, blk] (x and g, zero-padded in W: column c holds column c - p);
   k_ref [K*K, blk] -> dx_ref [H, Wp, blk] (columns >= W unused), dk_ref [K*K + 1, blk] float32:
   the image's kernel-gradient partials, then its bias-gradient partial (the sum of g)."""
   from jax.experimental import pallas as pl
 
+  del width  # g is zero beyond W: nothing to mask
   f32 = jnp.float32
   pad = ksize // 2
   taps = ksize * ksize
@@ -109,6 +110,42 @@ def _bwd_kernel(xp_ref, gp_ref, k_ref, dx_ref, dk_ref, *, height, width_p, ksize
     dk_ref[t, :] = acc[t]
 
 
+def _row_call(body, x, ksize, padded, per_channel, partial_rows, interpret):
+  """Runs a kernel `body` on the grid (image, channel block), each program walking the rows.
+
+  `padded`: [B, H, W, C] inputs, passed zero-padded in W to Wp + 2p columns (column c holds column
+  c - p) in x's dtype; `per_channel`: [R, C] inputs, whole rows of the program's channels. Returns
+  the [B, H, W, C] map the kernel writes (in x's dtype, sliced from width Wp) and its per-image
+  partials [B, partial_rows, C] float32.
+  """
+  from jax.experimental import pallas as pl
+
+  batch, height, width, channels = x.shape
+  pad = ksize // 2
+  width_p = _next_pow2(width)
+  launch = launch_config()
+  block = channel_block(channels, width_p, ksize, launch.tile_elements)
+  padding = ((0, 0), (0, 0), (pad, width_p + pad - width), (0, 0))
+  padded_spec = pl.BlockSpec((None, height, width_p + 2 * pad, block), lambda b, c: (b, 0, 0, c))
+  out, partials = pl.pallas_call(
+    functools.partial(body, height=height, width=width, width_p=width_p, ksize=ksize),
+    out_shape=(
+      jax.ShapeDtypeStruct((batch, height, width_p, channels), x.dtype),
+      jax.ShapeDtypeStruct((batch, partial_rows, channels), jnp.float32),
+    ),
+    grid=(batch, channels // block),
+    in_specs=[padded_spec] * len(padded)
+    + [pl.BlockSpec((a.shape[0], block), lambda b, c: (0, c)) for a in per_channel],
+    out_specs=(
+      pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
+      pl.BlockSpec((None, partial_rows, block), lambda b, c: (b, 0, c)),
+    ),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(launch.num_warps),
+    interpret=interpret,
+  )(*(jnp.pad(a.astype(x.dtype), padding) for a in padded), *per_channel)
+  return out[:, :, :width, :], partials
+
+
 def depthwise_backward(
   x: jax.Array, g: jax.Array, kernel: jax.Array, *, interpret: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -122,35 +159,11 @@ def depthwise_backward(
   Returns:
     (dx [B, H, W, C] in x's dtype, dkernel [K, K, C] float32, dbias [C] float32).
   """
-  from jax.experimental import pallas as pl
-
-  batch, height, width, channels = x.shape
-  ksize = kernel.shape[0]
-  pad = ksize // 2
-  width_p = _next_pow2(width)
-  launch = launch_config()
-  block = channel_block(channels, width_p, ksize, launch.tile_elements)
-  padding = ((0, 0), (0, 0), (pad, width_p + pad - width), (0, 0))
-  xp = jnp.pad(x, padding)
-  gp = jnp.pad(g.astype(x.dtype), padding)
-  padded = pl.BlockSpec((None, height, width_p + 2 * pad, block), lambda b, c: (b, 0, 0, c))
-  dx, dk = pl.pallas_call(
-    functools.partial(_bwd_kernel, height=height, width_p=width_p, ksize=ksize),
-    out_shape=(
-      jax.ShapeDtypeStruct((batch, height, width_p, channels), x.dtype),
-      jax.ShapeDtypeStruct((batch, ksize * ksize + 1, channels), jnp.float32),
-    ),
-    grid=(batch, channels // block),
-    in_specs=[padded, padded, pl.BlockSpec((ksize * ksize, block), lambda b, c: (0, c))],
-    out_specs=(
-      pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
-      pl.BlockSpec((None, ksize * ksize + 1, block), lambda b, c: (b, 0, c)),
-    ),
-    compiler_params=None if interpret else pallas_gpu.compiler_params(launch.num_warps),
-    interpret=interpret,
-  )(xp, gp, kernel.reshape(ksize * ksize, channels))
+  ksize, channels = kernel.shape[0], x.shape[-1]
+  taps = kernel.reshape(ksize * ksize, channels)
+  dx, dk = _row_call(_bwd_kernel, x, ksize, (x, g), (taps,), ksize * ksize + 1, interpret)
   sums = dk.sum(axis=0)
-  return dx[:, :, :width, :], sums[:-1].reshape(ksize, ksize, channels), sums[-1]
+  return dx, sums[:-1].reshape(ksize, ksize, channels), sums[-1]
 
 
 def _fwd_kernel(xp_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize):
@@ -210,39 +223,15 @@ def depthwise_forward(
     (y [B, H, W, C] in x's dtype, mean [C], biased variance [C]), the moments float32 over
     (B, H, W) of y as stored: what train-mode BatchNorm computes from y.
   """
-  from jax.experimental import pallas as pl
-
   batch, height, width, channels = x.shape
   ksize = kernel.shape[0]
-  pad = ksize // 2
-  width_p = _next_pow2(width)
-  launch = launch_config()
-  block = channel_block(channels, width_p, ksize, launch.tile_elements)
-  xp = jnp.pad(x, ((0, 0), (0, 0), (pad, width_p + pad - width), (0, 0)))
-  y, stats = pl.pallas_call(
-    functools.partial(_fwd_kernel, height=height, width=width, width_p=width_p, ksize=ksize),
-    out_shape=(
-      jax.ShapeDtypeStruct((batch, height, width_p, channels), x.dtype),
-      jax.ShapeDtypeStruct((batch, 2, channels), jnp.float32),
-    ),
-    grid=(batch, channels // block),
-    in_specs=[
-      pl.BlockSpec((None, height, width_p + 2 * pad, block), lambda b, c: (b, 0, 0, c)),
-      pl.BlockSpec((ksize * ksize, block), lambda b, c: (0, c)),
-      pl.BlockSpec((1, block), lambda b, c: (0, c)),
-    ],
-    out_specs=(
-      pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
-      pl.BlockSpec((None, 2, block), lambda b, c: (b, 0, c)),
-    ),
-    compiler_params=None if interpret else pallas_gpu.compiler_params(launch.num_warps),
-    interpret=interpret,
-  )(xp, kernel.reshape(ksize * ksize, channels), bias.reshape(1, channels))
+  per_channel = (kernel.reshape(ksize * ksize, channels), bias.reshape(1, channels))
+  y, stats = _row_call(_fwd_kernel, x, ksize, (x,), per_channel, 2, interpret)
   # Merge the images' moments (each over H*W pixels) with Chan's formula.
   image_mean, image_m2 = stats[:, 0], stats[:, 1]
   mean = image_mean.mean(axis=0)
   m2 = image_m2.sum(axis=0) + height * width * jnp.square(image_mean - mean).sum(axis=0)
-  return y[:, :, :width, :], mean, m2 / (batch * height * width)
+  return y, mean, m2 / (batch * height * width)
 
 
 @functools.cache
