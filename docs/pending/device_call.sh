@@ -18,7 +18,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -30,12 +30,16 @@ ROOT=$PWD
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/p
 cp -r "$ROOT"/.devtree/p/vcmamba_jax "$ROOT"/.devtree/p/scripts /tmp/p/ || exit 1
+if [[ -d "$ROOT"/.devtree/base ]]; then  # a reference tree (e.g. the last commit), for decide
+  mkdir -p /tmp/base && cp -r "$ROOT"/.devtree/base/vcmamba_jax "$ROOT"/.devtree/base/scripts /tmp/base/
+fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 start=$(date +%s)
 elapsed() { echo "$1 rc=$2 $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt"; }
 main_py() { PYTHONPATH=$ROOT:/tmp/site "$@"; }
 summary() { grep -E '_synthetic|compile|Pallas|fall|rror' "$@" | cut -c1-160; }
 patched_py() { (cd /tmp/p && PYTHONPATH=/tmp/p:/tmp/site "$@"); }
+base_py() { (cd /tmp/base && PYTHONPATH=/tmp/base:/tmp/site "$@"); }
 B_FLAGS="--config=vcmamba_jax/configs/vcmamba_b.py --config.model.dtype=bfloat16 \
   --config.distillation.type=none --config.global_batch_size=128 --config.eval_batch_size=256 \
   --modes=train_synthetic,eval_synthetic"
@@ -76,15 +80,49 @@ case "${1:-}" in
     # Train and eval: in inference 'auto' runs cuDNN's depthwise conv, impl 'pallas' the Pallas
     # forward. The Pallas depthwise GPU checks run in the `kernels` stage.
     # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_main main_py timeout 285 python3 scripts/benchmark.py \
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_main main_py timeout 235 python3 scripts/benchmark.py \
       $B_FLAGS --json_out="$OUT/b_main.json" > "$OUT/b_main.log" 2>&1
     elapsed b_main $?
     # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_dw main_py timeout 285 python3 scripts/benchmark.py \
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_dw main_py timeout 235 python3 scripts/benchmark.py \
       $B_FLAGS --config.model.depthwise_impl=pallas --json_out="$OUT/b_dw.json" \
       > "$OUT/b_dw.log" 2>&1
     elapsed b_dw_pallas $?
+    # Then both: 'pallas' and BatchNorm's other statistics in one pass (run_with_one_pass_bn.py),
+    # in what time is left.
+    left=$(( 585 - $(date +%s) + start ))
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_bn main_py timeout $left python3 \
+      docs/pending/run_with_one_pass_bn.py scripts/benchmark.py $B_FLAGS \
+      --config.model.depthwise_impl=pallas --json_out="$OUT/b_bn1.json" > "$OUT/b_bn1.log" 2>&1
+    elapsed b_bn_one_pass $?
     summary "$OUT"/b_*.log
+    ;;
+  decide)
+    # One call that decides the Pallas depthwise conv (and, in what time is left, the scan patch
+    # on top of it): B on the reference tree (.devtree/base), then the working tree with
+    # depthwise_impl=pallas, the Pallas kernels' GPU checks, then the patched tree with
+    # depthwise_impl=pallas (train only).
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_main base_py timeout 200 python3 scripts/benchmark.py \
+      $B_FLAGS --json_out="$OUT/b_main.json" > "$OUT/b_main.log" 2>&1
+    elapsed b_main $?
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_dw main_py timeout 200 python3 scripts/benchmark.py \
+      $B_FLAGS --config.model.depthwise_impl=pallas --json_out="$OUT/b_dw.json" \
+      > "$OUT/b_dw.log" 2>&1
+    elapsed b_dw_pallas $?
+    main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only pallas > "$OUT/check_pallas.log" 2>&1
+    elapsed check_pallas $?
+    left=$(( 590 - $(date +%s) + start ))
+    # shellcheck disable=SC2086
+    JAX_COMPILATION_CACHE_DIR=/tmp/cache_p patched_py timeout $left python3 scripts/benchmark.py \
+      ${B_FLAGS%--modes*} --modes=train_synthetic --config.model.depthwise_impl=pallas \
+      --json_out="$OUT/b_patched_dw.json" > "$OUT/b_patched_dw.log" 2>&1
+    elapsed b_patched_dw $?
+    summary "$OUT"/b_*.log
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-110
     ;;
   compile)
     # Issue 10 wants B's train step compiled cold in <= 60 s (76 s on an H200, 2026-12-02). Where
