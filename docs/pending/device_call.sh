@@ -99,6 +99,8 @@ case "${1:-}" in
     summary "$OUT"/b_*.log
     ;;
   decide)
+    # LEAN=1: train steps only (no eval compile), for a call with little device time left.
+    if [[ "${LEAN:-0}" == 1 ]]; then B_FLAGS="${B_FLAGS%--modes*} --modes=train_synthetic"; fi
     # One call that decides the Pallas depthwise conv (and, in what time is left, the scan patch
     # on top of it): B on the reference tree (.devtree/base), then the working tree with
     # depthwise_impl=pallas, the Pallas kernels' GPU checks, then the patched tree with
