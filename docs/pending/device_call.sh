@@ -18,7 +18,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -97,6 +97,18 @@ case "${1:-}" in
       --config.model.depthwise_impl=pallas --json_out="$OUT/b_bn1.json" > "$OUT/b_bn1.log" 2>&1
     elapsed b_bn_one_pass $?
     summary "$OUT"/b_*.log
+    ;;
+  blocks)
+    # A short call: one FFN block of each stage of B, 'taps' against 'pallas' (default launch,
+    # then two others), in one process, then the Pallas kernels' GPU checks.
+    main_py timeout 170 python3 docs/pending/ffn_block_variants.py --batch 128 \
+      --variants 0,5,7,8 --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
+    elapsed blocks $?
+    grep '^{' "$OUT/blocks.log" | cut -c1-400
+    main_py timeout 120 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only pallas > "$OUT/check_pallas.log" 2>&1
+    elapsed check_pallas $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-110
     ;;
   decide)
     # LEAN=1: train steps only (no eval compile), for a call with little device time left.
