@@ -43,6 +43,17 @@ base_py() { (cd /tmp/base && PYTHONPATH=/tmp/base:/tmp/site "$@"); }
 B_FLAGS="--config=vcmamba_jax/configs/vcmamba_b.py --config.model.dtype=bfloat16 \
   --config.distillation.type=none --config.global_batch_size=128 --config.eval_batch_size=256 \
   --modes=train_synthetic,eval_synthetic"
+# bench NAME TREE LIMIT [FLAG...]: B's benchmark ($RUN, default scripts/benchmark.py, with B_FLAGS
+# and then FLAGs; a later --modes wins) on TREE (main_py | base_py | patched_py), from an empty
+# compilation cache of its own, for at most LIMIT seconds; NAME.log and NAME.json in $OUT.
+bench() {
+  local name=$1 tree=$2 limit=$3
+  shift 3
+  # shellcheck disable=SC2086
+  JAX_COMPILATION_CACHE_DIR=/tmp/cache_$name $tree timeout "$limit" python3 \
+    ${RUN:-scripts/benchmark.py} $B_FLAGS "$@" --json_out="$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  elapsed "$name" $?
+}
 
 case "${1:-}" in
   kernels)
@@ -64,38 +75,21 @@ case "${1:-}" in
     grep '^{' "$OUT/blocks.log" | cut -c1-400
     ;;
   step)
+    bench b_main main_py 260
     setting=${2:-'{}'}
-    # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_main main_py timeout 260 python3 scripts/benchmark.py \
-      $B_FLAGS --json_out="$OUT/b_main.json" > "$OUT/b_main.log" 2>&1
-    elapsed b_main $?
-    # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_patched patched_py timeout 260 python3 \
-      "$ROOT/docs/pending/run_with_kernel_config.py" "$setting" scripts/benchmark.py \
-      $B_FLAGS --json_out="$OUT/b_patched.json" > "$OUT/b_patched.log" 2>&1
-    elapsed b_patched $?
+    RUN="$ROOT/docs/pending/run_with_kernel_config.py ${setting// /} scripts/benchmark.py" \
+      bench b_patched patched_py 260
     summary "$OUT"/b_*.log
     ;;
   dw)
     # Train and eval: in inference 'auto' runs cuDNN's depthwise conv, impl 'pallas' the Pallas
     # forward. The Pallas depthwise GPU checks run in the `kernels` stage.
-    # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_main main_py timeout 235 python3 scripts/benchmark.py \
-      $B_FLAGS --json_out="$OUT/b_main.json" > "$OUT/b_main.log" 2>&1
-    elapsed b_main $?
-    # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_dw main_py timeout 235 python3 scripts/benchmark.py \
-      $B_FLAGS --config.model.depthwise_impl=pallas --json_out="$OUT/b_dw.json" \
-      > "$OUT/b_dw.log" 2>&1
-    elapsed b_dw_pallas $?
+    bench b_main main_py 235
+    bench b_dw main_py 235 --config.model.depthwise_impl=pallas
     # Then both: 'pallas' and BatchNorm's other statistics in one pass (run_with_one_pass_bn.py),
     # in what time is left.
-    left=$(( 585 - $(date +%s) + start ))
-    # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_bn main_py timeout $left python3 \
-      docs/pending/run_with_one_pass_bn.py scripts/benchmark.py $B_FLAGS \
-      --config.model.depthwise_impl=pallas --json_out="$OUT/b_bn1.json" > "$OUT/b_bn1.log" 2>&1
-    elapsed b_bn_one_pass $?
+    RUN="docs/pending/run_with_one_pass_bn.py scripts/benchmark.py" \
+      bench b_bn1 main_py $(( 585 - $(date +%s) + start )) --config.model.depthwise_impl=pallas
     summary "$OUT"/b_*.log
     ;;
   blocks)
@@ -112,29 +106,18 @@ case "${1:-}" in
     ;;
   decide)
     # LEAN=1: train steps only (no eval compile), for a call with little device time left.
-    if [[ "${LEAN:-0}" == 1 ]]; then B_FLAGS="${B_FLAGS%--modes*} --modes=train_synthetic"; fi
+    if [[ "${LEAN:-0}" == 1 ]]; then B_FLAGS="$B_FLAGS --modes=train_synthetic"; fi
     # One call that decides the Pallas depthwise conv (and, in what time is left, the scan patch
     # on top of it): B on the reference tree (.devtree/base), then the working tree with
     # depthwise_impl=pallas, the Pallas kernels' GPU checks, then the patched tree with
     # depthwise_impl=pallas (train only).
-    # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_main base_py timeout 200 python3 scripts/benchmark.py \
-      $B_FLAGS --json_out="$OUT/b_main.json" > "$OUT/b_main.log" 2>&1
-    elapsed b_main $?
-    # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_dw main_py timeout 200 python3 scripts/benchmark.py \
-      $B_FLAGS --config.model.depthwise_impl=pallas --json_out="$OUT/b_dw.json" \
-      > "$OUT/b_dw.log" 2>&1
-    elapsed b_dw_pallas $?
+    bench b_main base_py 200
+    bench b_dw main_py 200 --config.model.depthwise_impl=pallas
     main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
       --only pallas > "$OUT/check_pallas.log" 2>&1
     elapsed check_pallas $?
-    left=$(( 590 - $(date +%s) + start ))
-    # shellcheck disable=SC2086
-    JAX_COMPILATION_CACHE_DIR=/tmp/cache_p patched_py timeout $left python3 scripts/benchmark.py \
-      ${B_FLAGS%--modes*} --modes=train_synthetic --config.model.depthwise_impl=pallas \
-      --json_out="$OUT/b_patched_dw.json" > "$OUT/b_patched_dw.log" 2>&1
-    elapsed b_patched_dw $?
+    bench b_patched_dw patched_py $(( 590 - $(date +%s) + start )) --modes=train_synthetic \
+      --config.model.depthwise_impl=pallas
     summary "$OUT"/b_*.log
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-110
     ;;
