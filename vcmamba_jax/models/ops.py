@@ -165,12 +165,17 @@ def depthwise_conv_with_moments(
   skips its two statistics passes: ``batch_norm_train(..., moments=...)``). They leave through
   ``stop_gradient``: BatchNorm's VJP already carries the gradient through its statistics.
   """
-  if _resolve_depthwise_impl(impl) != 'pallas':
-    return depthwise_conv(x, kernel, bias, impl=impl), None
   check_depthwise_kernel(kernel)
-  kernel = kernel.astype(x.dtype)
+  impl = _resolve_depthwise_impl(impl)
+  if impl != 'pallas':
+    return depthwise_conv(x, kernel, bias, impl=impl), None
+  return _pallas_with_moments(x, kernel, bias)
+
+
+def _pallas_with_moments(x, kernel, bias):
+  """impl 'pallas' of a checked [K, K, 1, C] kernel: (y, stop_gradient moments)."""
   interpret = jax.default_backend() != 'gpu'
-  y, mean, var = _depthwise_pallas(x, kernel[:, :, 0, :], bias, interpret)
+  y, mean, var = _depthwise_pallas(x, kernel.astype(x.dtype)[:, :, 0, :], bias, interpret)
   return y, (jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
 
 
@@ -218,7 +223,7 @@ def depthwise_conv(
   if bias is None and impl in ('taps', 'pallas'):
     bias = jnp.zeros((channels,), jnp.float32)
   if impl == 'pallas':
-    return depthwise_conv_with_moments(x, kernel, bias, impl=impl)[0]
+    return _pallas_with_moments(x, kernel, bias)[0]
   kernel = kernel.astype(x.dtype)
   if impl == 'taps':
     return _depthwise_taps(x, kernel[:, :, 0, :], bias)
