@@ -10,7 +10,9 @@ Checked (fresh random inputs each, forward and gradients of every input, float32
   `lax.conv` (cuDNN) at the model's depthwise shapes (the mixer's 7x7 and the Mlp's 3x3 of
   every stage);
 - `ops.batch_norm_train` (hand-written VJP, fused GELU) against autodiff of the plain formula,
-  alone and fed the Pallas conv's moments (the Mlp's mid conv + mid_norm with impl 'pallas').
+  alone and fed the Pallas conv's moments (the Mlp's mid conv + mid_norm with impl 'pallas');
+- the train state's init drawn with JAX's threefry GPU kernel (as `init_sharded` does on GPUs)
+  against XLA's threefry: bitwise equal.
 Error = max |fast - ref| / max |ref| per output; bounds: 1e-5 (float32; 5e-3 with TF32 matmuls
 on GPUs), 2e-2 (bfloat16 inputs). Checks run at a small batch (`--check_batch`); then prints forward and forward+backward
 milliseconds of each fast path and its reference at `--batch` in bfloat16 (median of
@@ -26,10 +28,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import vcmamba_jax
 from vcmamba_jax.models import ops, scan_pallas
 from vcmamba_jax.models import scan as scan_lib
+from vcmamba_jax.train import state as state_lib
 
 FAILED: list[str] = []
 
@@ -178,6 +182,25 @@ def cases(model: str, batch: int, length: int, dtype, seed: int):
   return out
 
 
+def check_threefry_init(name: str) -> None:
+  """The train state's init values do not depend on how threefry is lowered: `init_sharded`
+  draws them with the GPU kernel (`state.threefry_kernels`), XLA's expanded threefry elsewhere."""
+  model = vcmamba_jax.create_model('vcmamba_nano', num_classes=10, img_size=64)
+  init = state_lib.make_initializer(model, optax.adamw(1e-3), image_size=64, use_ema=True)
+  rng = jax.random.PRNGKey(0)
+  plain = jax.jit(init)(rng)
+  with state_lib.threefry_kernels():
+    kernels = jax.jit(init)(rng)
+  differ = [
+    jax.tree_util.keystr(path)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(kernels))
+    if not np.array_equal(np.asarray(a), np.asarray(b))
+  ]
+  if differ:
+    FAILED.append(name)
+  print(f'{"FAIL" if differ else "ok  "} {name}' + (f': {differ[:3]} differ' if differ else ''))
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument('--model', default='vcmamba_b')
@@ -199,6 +222,9 @@ def main() -> int:
       # XLA's GPU convolutions and matmuls run float32 as TF32 by default.
       tol = 5e-3 if gpu and dtype == jnp.float32 and 'lax.conv' in name else bound
       check(f'{name}, {jnp.dtype(dtype).name}', fast, ref, fn_args, tol, argnums)
+  name = 'init with threefry GPU kernels vs XLA threefry (vcmamba_nano), bitwise'
+  if args.only in name:
+    check_threefry_init(name)
   rows = {}
   if not args.skip_timing:
     for name, fast, ref, fn_args, argnums in cases(

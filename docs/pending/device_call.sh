@@ -18,7 +18,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -37,7 +37,9 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env
 start=$(date +%s)
 elapsed() { echo "$1 rc=$2 $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt"; }
 main_py() { PYTHONPATH=$ROOT:/tmp/site "$@"; }
-summary() { grep -E '_synthetic|compile|Pallas|fall|rror' "$@" | cut -c1-160; }
+summary() { grep -hE '_synthetic|compile|Pallas|fall|rror' "$@" | grep -vE '^[IWE][0-9]{4} ' | cut -c1-160; }
+# XLA's own timing of its compile phases and passes (VLOG lines in the run's log; PASSLOG=1).
+xla_timers() { echo TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=hlo_pass_pipeline=1,gpu_compiler=1,compile_module_to_llvm_ir=1; }
 patched_py() { (cd /tmp/p && PYTHONPATH=/tmp/p:/tmp/site "$@"); }
 base_py() { (cd /tmp/base && PYTHONPATH=/tmp/base:/tmp/site "$@"); }
 B_FLAGS="--config=vcmamba_jax/configs/vcmamba_b.py --config.model.dtype=bfloat16 \
@@ -50,7 +52,7 @@ bench() {
   local name=$1 tree=$2 limit=$3
   shift 3
   # shellcheck disable=SC2086
-  JAX_COMPILATION_CACHE_DIR=/tmp/cache_$name $tree timeout "$limit" python3 \
+  $tree env ${PASSLOG:+$(xla_timers)} JAX_COMPILATION_CACHE_DIR=/tmp/cache_$name timeout "$limit" python3 \
     ${RUN:-scripts/benchmark.py} $B_FLAGS "$@" --json_out="$OUT/$name.json" > "$OUT/$name.log" 2>&1
   elapsed "$name" $?
 }
@@ -75,10 +77,10 @@ case "${1:-}" in
     grep '^{' "$OUT/blocks.log" | cut -c1-400
     ;;
   step)
-    bench b_main main_py 260
+    bench b_main main_py 200
     setting=${2:-'{}'}
     RUN="$ROOT/docs/pending/run_with_kernel_config.py ${setting// /} scripts/benchmark.py" \
-      bench b_patched patched_py 260
+      bench b_patched patched_py 220
     summary "$OUT"/b_*.log
     ;;
   dw)
@@ -107,19 +109,39 @@ case "${1:-}" in
   decide)
     # LEAN=1: train steps only (no eval compile), for a call with little device time left.
     if [[ "${LEAN:-0}" == 1 ]]; then B_FLAGS="$B_FLAGS --modes=train_synthetic"; fi
-    # One call that decides the Pallas depthwise conv (and, in what time is left, the scan patch
-    # on top of it): B on the reference tree (.devtree/base), then the working tree with
-    # depthwise_impl=pallas, the Pallas kernels' GPU checks, then the patched tree with
-    # depthwise_impl=pallas (train only).
-    bench b_main base_py 200
-    bench b_dw main_py 200 --config.model.depthwise_impl=pallas
-    main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+    # One call that decides the Pallas depthwise conv and scan_blocks: B on the reference tree
+    # (.devtree/base) with XLA's compile phases timed, then the working tree with
+    # depthwise_impl=pallas, the Pallas kernels' GPU checks, then the working tree with
+    # scan_blocks (in what time is left).
+    PASSLOG=1 bench b_main base_py "${LIMIT:-200}"
+    grep -E 'RunHloPasses|RunBackend' "$OUT/b_main.log" | cut -c1-200
+    bench b_dw main_py "${LIMIT:-200}" --config.model.depthwise_impl=pallas
+    main_py timeout 90 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
       --only pallas > "$OUT/check_pallas.log" 2>&1
     elapsed check_pallas $?
-    bench b_patched_dw patched_py $(( 590 - $(date +%s) + start )) --modes=train_synthetic \
-      --config.model.depthwise_impl=pallas
+    bench b_scan main_py $(( 590 - $(date +%s) + start )) --config.model.scan_blocks=true
     summary "$OUT"/b_*.log
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-110
+    ;;
+  threefry)
+    # B's train step (train only) on main, then with JAX's threefry lowered to its GPU kernel
+    # (jax_threefry_gpu_kernel_lowering: the same bits, compiled as one kernel per draw instead of
+    # expanded HLO; deviceless it cut the init program's compile 47 -> 8 s and the train step's
+    # 70 -> 52 s), then the scan patch, in what time is left.
+    B_FLAGS="$B_FLAGS --modes=train_synthetic"
+    bench b_main main_py "${LIMIT:-150}"
+    JAX_THREEFRY_GPU_KERNEL_LOWERING=1 bench b_tk main_py "${LIMIT:-150}"
+    main_py timeout 60 python3 scripts/check_kernels.py --skip_timing --only threefry \
+      > "$OUT/check_threefry.log" 2>&1
+    elapsed check_threefry $?
+    left=$(( ${TOTAL:-540} - $(date +%s) + start ))
+    if (( left >= 120 )); then
+      RUN="$ROOT/docs/pending/run_with_kernel_config.py {} scripts/benchmark.py" \
+        bench b_patched patched_py "$left"
+    fi
+    summary "$OUT"/b_*.log
+    grep -h 'set up' "$OUT"/b_*.log | cut -c1-160
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_threefry.log" | cut -c1-160
     ;;
   compile)
     # Issue 10 wants B's train step compiled cold in <= 60 s (76 s on an H200, 2026-12-02). Where

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import vcmamba_jax
-from vcmamba_jax.models import grid_size, resize_pos_embed, weight_decay_mask
+from vcmamba_jax.models import grid_size, layers, resize_pos_embed, weight_decay_mask
 from vcmamba_jax.models.vcmamba import _torch_bicubic_matrix
 
 
@@ -140,6 +140,58 @@ def test_sequential_scan_impl_matches_associative(nano):
   )
 
 
+def test_scanned_blocks_keep_the_tree_and_compute_the_same(nano):
+  # nano's stage 3 has two FFN blocks: with scan_blocks they run as one nn.scan over a stacked
+  # view of block0/block1, stored under the same names as unrolled.
+  model, variables = nano
+  scanned = vcmamba_jax.create_model('vcmamba_nano', num_classes=10, img_size=64, scan_blocks=True)
+  shapes = jax.eval_shape(
+    lambda: scanned.init({'params': jax.random.key(0)}, jnp.zeros((1, 64, 64, 3)))
+  )
+  assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, variables)
+  x = jax.random.normal(jax.random.key(6), (2, 64, 64, 3))
+  np.testing.assert_allclose(
+    _apply(scanned, variables, x)[0], _apply(model, variables, x)[0], rtol=1e-6, atol=1e-7
+  )
+
+  def loss_and_stats(m, params):
+    (logits, _), state = m.apply(
+      {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+    )
+    return jnp.sum(logits**2), state['batch_stats']
+
+  def run(m):
+    return jax.jit(jax.value_and_grad(lambda p: loss_and_stats(m, p), has_aux=True))(
+      variables['params']
+    )
+
+  (loss, stats), grads = run(model)
+  (loss_s, stats_s), grads_s = run(scanned)
+  np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(stats_s), jax.tree.leaves(stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Relative to each leaf's scale (the biases in front of a BatchNorm get ~1e-11 noise).
+  for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()) + 1e-9)
+  assert float(np.abs(grads['stage3']['block1']['mlp']['fc1']['kernel']).max()) > 0
+
+
+def test_stochastic_depth_with_an_array_rate_drops_whole_samples():
+  # Under nn.scan each block's drop-path rate is an array (nn.Dropout needs a Python float).
+  x = jnp.ones((2000, 2, 2, 3), jnp.bfloat16)
+  depth = layers.StochasticDepth()
+  y = depth.apply({}, x, jnp.float32(0.25), True, rngs={'drop_path': jax.random.key(0)})
+  y = np.asarray(y, np.float32).reshape(2000, -1)
+  kept = y[:, 0] != 0
+  # nn.Dropout's scaling: x / 0.75 in x's dtype (bf16: 1.3359375).
+  np.testing.assert_array_equal(y[kept], np.float32(x[0, 0, 0, 0] / 0.75))
+  assert np.all(y[~kept] == 0)
+  assert 0.22 < 1 - kept.mean() < 0.28
+  assert depth.apply({}, x, jnp.float32(0.25), False) is x
+  y0 = depth.apply({}, x, jnp.float32(0.0), True, rngs={'drop_path': jax.random.key(1)})
+  np.testing.assert_array_equal(y0, x)
+
+
 def test_weight_decay_mask_follows_upstream(nano):
   _, variables = nano
   mask = weight_decay_mask(variables['params'])
@@ -198,5 +250,7 @@ def test_unknown_model_and_option_errors():
     vcmamba_jax.create_model('vcmamba_nano', scan_mode='sideways')
   with pytest.raises(ValueError, match="depthwise_impl must be one of .*'taps'"):
     vcmamba_jax.create_model('vcmamba_nano', depthwise_impl='fft')
+  with pytest.raises(ValueError, match="scan_blocks must be True or False, got 'yes'"):
+    vcmamba_jax.create_model('vcmamba_nano', scan_blocks='yes')
   with pytest.raises(ValueError, match='scan_impl must be one of'):
     vcmamba_jax.create_segmentation_model('sem_fpn_vcmamba_nano', scan_impl='magic')

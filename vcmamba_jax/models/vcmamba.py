@@ -4,6 +4,7 @@ Mamba layers at the end of the last stage. Exact port of the authors' classifica
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -100,6 +101,56 @@ def resize_pos_embed(pos_embed: jax.Array, new_grid: tuple[int, int]) -> jax.Arr
   return out.astype(pos_embed.dtype)
 
 
+# With ComputeOptions.scan_blocks, a stage's FFN blocks run as one nn.scan over a stacked copy
+# of their variables, seen inside the stage under this name. The stage's stored variables keep
+# the per-block names (block0, block1, ...: those of the PyTorch keys, of checkpoints and of
+# weight conversion): `stage_module` maps them to the stacked view and back.
+_SCANNED = 'ffn_blocks'
+
+
+def _scans_blocks(options: ComputeOptions, num_ffn: int) -> bool:
+  return options.scan_blocks and num_ffn > 1
+
+
+class _ScannedFFNBlock(nn.Module):
+  """The body of a stage's scan: one FFNBlock, with its drop-path rate as a scanned input."""
+
+  stochastic_depth: bool
+  depthwise_impl: DepthwiseImpl
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rate: jax.Array, train: bool) -> tuple[jax.Array, None]:
+    block = FFNBlock(depthwise_impl=self.depthwise_impl, dtype=self.dtype, name='block')
+    return block(x, train, drop_path_rate=rate if self.stochastic_depth else None), None
+
+
+def _stack_blocks(num_ffn: int, variables: dict[str, Any]) -> dict[str, Any]:
+  """Stored form (block0 .. block{n-1}) -> the scan's view (one tree with a block axis)."""
+  out = {}
+  for collection, tree in variables.items():
+    tree = dict(tree)
+    names = [f'block{j}' for j in range(num_ffn)]
+    if all(name in tree for name in names):
+      blocks = [tree.pop(name) for name in names]
+      tree[_SCANNED] = {'block': jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)}
+    out[collection] = tree
+  return out
+
+
+def _unstack_blocks(num_ffn: int, variables: dict[str, Any]) -> dict[str, Any]:
+  """The scan's view -> stored form (what init creates and what training updates)."""
+  out = {}
+  for collection, tree in variables.items():
+    tree = dict(tree)
+    if _SCANNED in tree:
+      stacked = tree.pop(_SCANNED)['block']
+      for j in range(num_ffn):
+        tree[f'block{j}'] = jax.tree.map(lambda leaf, j=j: leaf[j], stacked)
+    out[collection] = tree
+  return out
+
+
 class Stage(nn.Module):
   """A stage of FFN blocks; in the last stage, the final ``num_mamba_layers`` blocks are Mamba
   layers preceded by the absolute position embedding."""
@@ -114,13 +165,29 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     num_ffn = self.depth - self.num_mamba_layers
-    for j in range(num_ffn):
-      x = FFNBlock(
-        drop_path=self.drop_path_rates[j],
+    if _scans_blocks(self.options, num_ffn):
+      rates = self.drop_path_rates[:num_ffn]
+      scanned = nn.scan(
+        _ScannedFFNBlock,
+        variable_axes={'params': 0, 'batch_stats': 0},
+        split_rngs={'params': True, 'drop_path': True},
+        in_axes=(0, nn.broadcast),
+        length=num_ffn,
+      )
+      x, _ = scanned(
+        stochastic_depth=any(rates),
         depthwise_impl=self.options.depthwise_impl,
         dtype=self.dtype,
-        name=f'block{j}',
-      )(x, train)
+        name=_SCANNED,
+      )(x, jnp.asarray(rates, jnp.float32), train)
+    else:
+      for j in range(num_ffn):
+        x = FFNBlock(
+          drop_path=self.drop_path_rates[j],
+          depthwise_impl=self.options.depthwise_impl,
+          dtype=self.dtype,
+          name=f'block{j}',
+        )(x, train)
     if self.num_mamba_layers:
       grid = self.pos_embed_grid
       pos_embed = self.param('pos_embed', normal_init, (1, grid, grid, x.shape[-1]), jnp.float32)
@@ -134,6 +201,21 @@ class Stage(nn.Module):
         name=f'block{j}',
       )(x, train)
     return x
+
+
+@functools.cache
+def stage_module(options: ComputeOptions, num_ffn: int) -> type[nn.Module]:
+  """The Stage class for ``num_ffn`` FFN blocks: Stage itself, or with ``options.scan_blocks``
+  Stage seen through the stacking of its blocks' variables (params and batch statistics)."""
+  if not _scans_blocks(options, num_ffn):
+    return Stage
+  return nn.map_variables(
+    Stage,
+    ('params', 'batch_stats'),
+    trans_in_fn=functools.partial(_stack_blocks, num_ffn),
+    trans_out_fn=functools.partial(_unstack_blocks, num_ffn),
+    mutable=True,
+  )
 
 
 def hierarchy(
@@ -164,7 +246,7 @@ def hierarchy(
     if s > 1:
       x = Downsample(width, dtype=dtype, name=f'downsample{s}')(x, train)
     last = s == len(depths)
-    x = Stage(
+    x = stage_module(options, depth - (num_mamba_layers if last else 0))(
       depth=depth,
       num_mamba_layers=num_mamba_layers if last else 0,
       drop_path_rates=tuple(rates[first : first + depth]),
@@ -200,11 +282,12 @@ class VCMamba(nn.Module):
   scan_impl: scan_lib.ScanImpl = 'auto'
   remat_scan: bool = True
   depthwise_impl: DepthwiseImpl = 'auto'
+  scan_blocks: bool = False
   dtype: Dtype = jnp.float32
 
   @property
   def options(self) -> ComputeOptions:
-    return ComputeOptions(self.scan_mode, self.scan_impl, self.remat_scan, self.depthwise_impl)
+    return ComputeOptions.of(self)
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, Any]]:
@@ -292,7 +375,7 @@ def create_model(
       ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'chunked' |
       'fused' | 'pallas_tpu'; 'auto' = models.scan.resolve_auto), remat_scan,
       depthwise_impl ('auto' = 'taps' | 'xla' | 'matmul' | 'pallas', see models/ops.py),
-      stem_activation.
+      scan_blocks (each stage's FFN blocks as one nn.scan), stem_activation.
   """
   if name not in VARIANTS:
     raise ValueError(f'unknown model {name!r}; available: {sorted(VARIANTS)}')

@@ -61,6 +61,7 @@ class VCMambaBackbone(nn.Module):
   scan_impl: scan_lib.ScanImpl = 'auto'
   remat_scan: bool = True
   depthwise_impl: DepthwiseImpl = 'auto'
+  scan_blocks: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -74,7 +75,7 @@ class VCMambaBackbone(nn.Module):
       drop_path_rate=self.drop_path_rate,
       pos_embed_grid=pos_embed_grid(self.img_size),
       stem_activation=self.stem_activation,
-      options=ComputeOptions(self.scan_mode, self.scan_impl, self.remat_scan, self.depthwise_impl),
+      options=ComputeOptions.of(self),
       dtype=self.dtype,
     )
     return features
@@ -228,7 +229,7 @@ def create_segmentation_model(
     dropout_ratio: channel dropout before ``conv_seg`` (mmseg: 0.1).
     dtype: compute dtype; parameters, norms and the logits stay float32.
     **backbone_kwargs: other ``VCMambaBackbone`` fields (depths, widths, num_mamba_layers,
-      stem_activation, scan_mode, scan_impl, remat_scan, depthwise_impl).
+      stem_activation, scan_mode, scan_impl, remat_scan, depthwise_impl, scan_blocks).
   """
   if name not in SEG_MODELS:
     raise ValueError(f'unknown segmentation model {name!r}; available: {sorted(SEG_MODELS)}')

@@ -55,6 +55,8 @@ def build_model(config: ConfigDict) -> model_lib.SemanticFPN:
     dtype=jnp.dtype(m.dtype),
     scan_impl=m.scan_impl,
     remat_scan=m.remat_scan,
+    depthwise_impl=m.get('depthwise_impl', 'auto'),
+    scan_blocks=m.get('scan_blocks', False),
   )
 
 

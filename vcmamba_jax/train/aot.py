@@ -283,6 +283,7 @@ def compile_for_topology(
     'per_chip_batch': int(config.global_batch_size // num_chips),
     'scan_impl': scan_impl,
     'remat_scan': bool(config.model.remat_scan),
+    'scan_blocks': bool(config.model.get('scan_blocks', False)),
     'jax': jax.__version__,
     'libtpu': builders.libtpu_version() or 'unknown',
     'hbm_per_chip': chip.hbm_bytes,

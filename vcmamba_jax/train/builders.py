@@ -153,6 +153,7 @@ def model_kwargs(config: ConfigDict) -> dict[str, Any]:
     'scan_impl': m.scan_impl,
     'remat_scan': m.remat_scan,
     'depthwise_impl': m.get('depthwise_impl', 'auto'),
+    'scan_blocks': m.get('scan_blocks', False),
   }
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -86,14 +87,37 @@ def make_initializer(
   return init
 
 
+@contextlib.contextmanager
+def threefry_kernels() -> Iterator[None]:
+  """Programs lowered inside draw their random numbers with JAX's threefry GPU kernel
+  (`jax_threefry_gpu_kernel_lowering`): the same bits as the threefry that XLA otherwise expands
+  into elementwise code, one kernel per draw. Where hundreds of draws are the whole program (the
+  init program: one per parameter), XLA's compile goes from minutes of fusing that code to
+  seconds (B on an H100: see `init_sharded`). No effect on other platforms."""
+  if jax.default_backend() != 'gpu':
+    yield
+    return
+  previous = jax.config.jax_threefry_gpu_kernel_lowering
+  jax.config.update('jax_threefry_gpu_kernel_lowering', True)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_threefry_gpu_kernel_lowering', previous)
+
+
 def init_sharded(
   init: Callable[[jax.Array], TrainState], rng: jax.Array, shardings: TrainState
 ) -> TrainState:
   """Runs `init` as one jitted program whose outputs are created directly with `shardings`:
-  each device only ever holds its own shards and no parameter passes through host memory."""
+  each device only ever holds its own shards and no parameter passes through host memory.
+
+  On GPUs its random initialisers run as threefry kernels (`threefry_kernels`, the same values):
+  B's init program, 449 draws, compiled for an H100 in 47 s as expanded threefry and in 8 s
+  with the kernels (deviceless compile on a 2-core host)."""
   mesh = jax.tree.leaves(shardings)[0].mesh
   init = sharding_lib.traced_under_mesh(init, mesh)
-  return jax.jit(init, out_shardings=shardings, compiler_options=_init_compiler_options())(rng)
+  with threefry_kernels():
+    return jax.jit(init, out_shardings=shardings, compiler_options=_init_compiler_options())(rng)
 
 
 def create_train_state(
