@@ -65,8 +65,8 @@ def imagenet_recipe(model_name: str) -> config_dict.ConfigDict:
   # grouped kernels were 10x slower at some shapes on an H200) | 'xla' (cuDNN) | 'matmul' |
   # 'pallas' (Pallas kernels: B on an H100 trains 5% slower than 'taps' in 1.4 GiB less memory).
   config.model.depthwise_impl = 'auto'
-  # Each stage's FFN blocks as one nn.scan: a shorter time to the first step (B: 99 -> 76 s on
-  # an H100) for 14% slower steps; the same parameters and numbers (models/options.py).
+  # Each stage's FFN blocks as one nn.scan: a shorter train-step compile (B: 57 -> 52 s on an
+  # H100) for 14% slower steps; the same parameters and numbers (models/options.py).
   config.model.scan_blocks = False
 
   config.data = config_dict.ConfigDict()

@@ -26,10 +26,11 @@ class ComputeOptions:
     in training, XLA's convolution in inference).
   scan_blocks: run each stage's FFN blocks as one `nn.scan`, so that the compiler sees one
     block per stage instead of one per block. Same parameters (names and shapes), same numbers.
-    A trade (B, bf16, batch 128, one H100, 2026-12-07): time to the first train step 99 -> 76 s
-    (state init 42 -> 24 s, train-step compile 57 -> 52 s), peak memory -0.35 GiB, but each
-    step 14% slower (1,449 -> 1,242 img/s); on a TPU v5e the compile is 18% shorter and the
-    memory per chip 30% larger. Off by default.
+    A trade (B, bf16, batch 128, one H100, 2026-12-07): train-step compile 57 -> 52 s, peak
+    memory -0.35 GiB, but each step 14% slower (1,449 -> 1,242 img/s); on a TPU v5e the compile
+    is 18% shorter and the memory per chip 30% larger. (It also cut the state init 42 -> 24 s,
+    measured before the init program drew with threefry kernels, which cut it more.) Off by
+    default.
   """
 
   scan_mode: ScanMode = 'upstream'
