@@ -18,7 +18,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -142,6 +142,17 @@ case "${1:-}" in
     summary "$OUT"/b_*.log
     grep -h 'set up' "$OUT"/b_*.log | cut -c1-160
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_threefry.log" | cut -c1-160
+    ;;
+  init)
+    # Time to the first train step, B (train only): the reference tree (.devtree/base, XLA's
+    # threefry in the init program) against main (threefry GPU kernels in the init program), on
+    # the same machine. Does the init's cut show up in the time to the first step, or does the
+    # train step's compile (the first big one in the process after it) take it back?
+    B_FLAGS="$B_FLAGS --modes=train_synthetic"
+    bench b_base base_py "${LIMIT:-140}"
+    bench b_main main_py "${LIMIT:-140}"
+    summary "$OUT"/b_*.log
+    grep -h 'set up' "$OUT"/b_*.log | cut -c1-160
     ;;
   compile)
     # Issue 10 wants B's train step compiled cold in <= 60 s (76 s on an H200, 2026-12-02). Where
