@@ -6,7 +6,7 @@
 # Before (here, once): apply the patch to a copy and put the copy where the call carries it:
 #   git worktree add /tmp/p HEAD && git -C /tmp/p apply docs/pending/fused_scan_direction_groups.patch
 #   mkdir -p .devtree/p && cp -r /tmp/p/vcmamba_jax /tmp/p/scripts .devtree/p/
-#   (and the Python 3.12 wheels in .whl, as /work/.library/device/README.md says)
+#   (and the Python 3.12 wheels in .whl, as the device tool's README says)
 # Then, device `run` with carry [".whl", ".devtree"] and timeout_s 598:
 #   bash docs/pending/device_call.sh dw        # ~9 min: B's train and eval steps on main, then
 #                                              # with depthwise_impl=pallas
