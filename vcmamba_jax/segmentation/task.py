@@ -36,6 +36,7 @@ from vcmamba_jax.segmentation import convert as convert_lib
 from vcmamba_jax.segmentation import model as model_lib
 from vcmamba_jax.segmentation.inference import slide_inference_padded
 from vcmamba_jax.segmentation.resize import bilinear_resize_dynamic, resize
+from vcmamba_jax.train import builders
 
 TRAIN_KEYS = ('image', 'label', 'size', 'num_skipped')
 EVAL_KEYS = ('image', 'label', 'size', 'orig_size', 'mask', 'num_skipped')
@@ -45,18 +46,11 @@ EVAL_KEYS = ('image', 'label', 'size', 'orig_size', 'mask', 'num_skipped')
 # Model and data.
 # ------------------------------------------------------------------------------------------------
 def build_model(config: ConfigDict) -> model_lib.SemanticFPN:
-  m = config.model
+  # The backbone's options are the classifier's (train.builders.model_kwargs), plus the head's.
   return model_lib.create_segmentation_model(
-    m.name,
-    num_classes=m.num_classes,
-    img_size=m.img_size,
-    drop_path_rate=m.drop_path_rate,
-    dropout_ratio=m.dropout_ratio,
-    dtype=jnp.dtype(m.dtype),
-    scan_impl=m.scan_impl,
-    remat_scan=m.remat_scan,
-    depthwise_impl=m.get('depthwise_impl', 'auto'),
-    scan_blocks=m.get('scan_blocks', False),
+    config.model.name,
+    dropout_ratio=config.model.dropout_ratio,
+    **builders.model_kwargs(config),
   )
 
 
