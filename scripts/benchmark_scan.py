@@ -59,8 +59,9 @@ def bench_scans(args) -> list[dict]:
     impls.append(f'fused:{blocks}')
   for impl in impls:
     if impl.startswith('fused:'):
-      fwd_block, bwd_block = (int(b) for b in impl.split(':')[1].split(','))
+      fwd_block, bwd_block, *stages = (int(b) for b in impl.split(':')[1].split(','))
       scan_pallas.FWD_BLOCK, scan_pallas.BWD_BLOCK = fwd_block, bwd_block
+      scan_pallas.NUM_STAGES = stages[0] if stages else 1
       impl_name, impl = impl, 'fused'
     else:
       impl_name = impl
@@ -170,7 +171,7 @@ def main():
     '--fused_blocks',
     nargs='*',
     default=[],
-    help='extra fused-kernel channel blocks to time, e.g. 32,16 64,32',
+    help='extra fused-kernel channel blocks (and Triton num_stages) to time, e.g. 32,16 64,32,3',
   )
   parser.add_argument('--skip_model', action='store_true')
   parser.add_argument('--json', default=None)

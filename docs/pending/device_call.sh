@@ -18,7 +18,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -151,8 +151,53 @@ case "${1:-}" in
     B_FLAGS="$B_FLAGS --modes=train_synthetic"
     bench b_base base_py "${LIMIT:-140}"
     bench b_main main_py "${LIMIT:-140}"
+    # Then the scan patch (train only, default launch settings), in what time is left.
+    left=$(( ${TOTAL:-560} - $(date +%s) + start ))
+    if (( left >= 120 )); then
+      RUN="$ROOT/docs/pending/run_with_kernel_config.py {} scripts/benchmark.py" \
+        bench b_patched patched_py "$left"
+    fi
     summary "$OUT"/b_*.log
     grep -h 'set up' "$OUT"/b_*.log | cut -c1-160
+    ;;
+  patch_blocks)
+    # B's train step (train only) on main, then on the scan patch (default launch settings); then
+    # one FFN block of each stage of B: 'taps', then 'pallas' without and with Triton's software
+    # pipelining of the row loop (LaunchConfig.num_stages), in what time is left.
+    # First main's fused scan at B's shapes with Triton's software pipelining (num_stages 1-4).
+    main_py timeout 60 python3 scripts/benchmark_scan.py --model vcmamba_b --batch 128 \
+      --impls fused --fused_blocks 64,32,2 64,32,3 64,32,4 --skip_model > "$OUT/scan_stages.log" 2>&1
+    elapsed scan_stages $?
+    B_FLAGS="$B_FLAGS --modes=train_synthetic"
+    bench b_main main_py "${LIMIT:-140}"
+    bench b_remat main_py "${LIMIT:-140}" --config.model.remat_mlp=true
+    RUN="$ROOT/docs/pending/run_with_kernel_config.py {} scripts/benchmark.py" \
+      bench b_patched patched_py "${LIMIT:-140}"
+    main_py timeout $(( ${TOTAL:-575} - $(date +%s) + start )) python3 \
+      docs/pending/ffn_block_variants.py --batch 128 --variants 0,5,12,11,13,14 \
+      --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
+    elapsed blocks $?
+    summary "$OUT"/b_*.log
+    grep -h 'set up' "$OUT"/b_*.log | cut -c1-160
+    grep '^{' "$OUT/blocks.log" | cut -c1-300
+    grep '^scan' "$OUT/scan_stages.log"
+    ;;
+  smb)
+    # README "Speed" (an H200): B on main (train and eval), the eval step's kernels (is BatchNorm +
+    # GELU fused into the GEMMs in inference?), B's eval with the Pallas depthwise forward, then S
+    # and M, each benchmark from its own cold cache, in what time is left.
+    bench b main_py "${LIMIT:-180}"
+    main_py timeout 90 python3 scripts/profile_step.py ${B_FLAGS%--modes*} --modes=eval --top=40 \
+      --dump_hlo --json_out="$OUT/profile_eval.json" > "$OUT/profile_eval.log" 2>&1
+    elapsed profile_eval $?
+    bench b_dw_eval main_py 90 --modes=eval_synthetic --config.model.depthwise_impl=pallas
+    for v in s m; do
+      left=$(( ${TOTAL:-580} - $(date +%s) + start ))
+      if (( left >= 100 )); then
+        B_FLAGS=${B_FLAGS/vcmamba_b.py/vcmamba_$v.py} bench "$v" main_py "$left"
+      fi
+    done
+    summary "$OUT"/[smb].log "$OUT"/b_dw_eval.log
     ;;
   compile)
     # Issue 10 wants B's train step compiled cold in <= 60 s (76 s on an H200, 2026-12-02). Where

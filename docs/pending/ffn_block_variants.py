@@ -52,6 +52,12 @@ VARIANTS = [
       {'num_warps': 8},
       {'tile_elements': 4096, 'num_warps': 8},
       {'tile_elements': 1024, 'num_warps': 2},
+      # Software pipelining of the row loop's loads (the kernels ran with num_stages=1 when
+      # measured slower than predicted; a guess is that each row waits for its loads).
+      {'num_stages': 2},
+      {'num_stages': 3},
+      {'tile_elements': 1024, 'num_stages': 3},
+      {'num_warps': 8, 'num_stages': 3},
     )
   ),
 ]

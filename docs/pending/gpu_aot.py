@@ -117,6 +117,7 @@ def compile_for_h100() -> None:
   aot.resolve_scan_impl = lambda c: 'fused' if c.model.scan_impl == 'auto' else c.model.scan_impl
   config = config_flags.DEFINE_config_file('config', None, 'training config', lock_config=False)
   hlo_out = flags.DEFINE_string('hlo_out', None, "write the train step's compiled HLO here")
+  eval_hlo_out = flags.DEFINE_string('eval_hlo_out', None, "write the eval step's HLO here")
   skip_eval = flags.DEFINE_bool('skip_eval', False, 'compile the train step only')
 
   def main(_):
@@ -134,6 +135,9 @@ def compile_for_h100() -> None:
     if hlo_out.value:
       with open(hlo_out.value, 'w') as f:
         f.write(texts[0])
+    if eval_hlo_out.value and len(texts) > 1:
+      with open(eval_hlo_out.value, 'w') as f:
+        f.write(texts[1])
     for step, text in zip(('train', 'eval'), texts):
       memory = report[step]['memory']
       gib = {k: memory[k] / aot.GiB for k in ('arguments', 'temporaries', 'total')}

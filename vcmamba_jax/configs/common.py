@@ -68,6 +68,8 @@ def imagenet_recipe(model_name: str) -> config_dict.ConfigDict:
   # Each stage's FFN blocks as one nn.scan: a shorter train-step compile (B: 57 -> 52 s on an
   # H100) for 14% slower steps; the same parameters and numbers (models/options.py).
   config.model.scan_blocks = False
+  # Recompute the conv Mlp's GELU outputs in the backward pass (models/options.py).
+  config.model.remat_mlp = False
 
   config.data = config_dict.ConfigDict()
   config.data.dataset = 'imagenet2012'  # TFDS name, ArrayRecord format.

@@ -38,10 +38,12 @@ ACC_ELEMENTS = 4096  # cap on K*K * block: the kernel-gradient accumulators live
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
   """tile_elements: target Wp * block of a program's tiles (2048: 16 float32 registers a thread
-  at 4 warps); num_warps: Triton warps per program. Both kernels use it."""
+  at 4 warps); num_warps: Triton warps per program; num_stages: Triton's software pipelining of
+  the row loop's loads (1: none). Both kernels use it."""
 
   tile_elements: int = 2048
   num_warps: int = 4
+  num_stages: int = 1
 
 
 # Set by benchmarks to time another launch configuration (None: the defaults).
@@ -140,7 +142,9 @@ def _row_call(body, x, ksize, padded, per_channel, partial_rows, interpret):
       pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
       pl.BlockSpec((None, partial_rows, block), lambda b, c: (b, 0, c)),
     ),
-    compiler_params=None if interpret else pallas_gpu.compiler_params(launch.num_warps),
+    compiler_params=None
+    if interpret
+    else pallas_gpu.compiler_params(launch.num_warps, launch.num_stages),
     interpret=interpret,
   )(*(jnp.pad(a.astype(x.dtype), padding) for a in padded), *per_channel)
   return out[:, :, :width, :], partials

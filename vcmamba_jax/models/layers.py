@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vcmamba_jax.models import ops
 
@@ -210,33 +211,60 @@ class StochasticDepth(nn.Module):
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 
 
+# What the conv Mlp keeps for its backward pass under `FFNBlock(remat_mlp=True)`.
+MLP_SAVED = 'mlp_saved'
+
+
 class Mlp(nn.Module):
-  """EfficientFormer/VCMamba conv Mlp: 1x1 -> BN -> GELU -> dw3x3 -> BN -> GELU -> 1x1 -> BN."""
+  """EfficientFormer/VCMamba conv Mlp: 1x1 -> BN -> GELU -> dw3x3 -> BN -> GELU -> 1x1 -> BN.
+
+  ``remat`` (training under `nn.remat` with `save_only_these_names(MLP_SAVED)`, see FFNBlock):
+  the BatchNorms take their batch moments from outside their VJPs, and the outputs of fc1, the
+  depthwise conv and fc2 and the three moments are tagged MLP_SAVED: the backward pass keeps
+  those and recomputes the two GELU outputs (elementwise) instead of keeping them. Same numbers.
+  """
 
   hidden_features: int
   depthwise_impl: ops.DepthwiseImpl = 'auto'
+  remat: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     features = x.shape[-1]
     hidden = self.hidden_features
-    x = dense(hidden, dtype=self.dtype, name='fc1')(x)
-    x = BatchNorm(activation='gelu', dtype=self.dtype, name='norm1')(x, train)
+    remat = self.remat and train
+
+    def saved(y, moments=None):
+      """y tagged, and under remat y's batch moments (given, or computed here) tagged."""
+      if not remat:
+        return y, moments
+      if moments is None:
+        moments = ops.batch_moments(y)
+      return checkpoint_name(y, MLP_SAVED), checkpoint_name(moments, MLP_SAVED)
+
+    x, moments = saved(dense(hidden, dtype=self.dtype, name='fc1')(x))
+    x = BatchNorm(activation='gelu', dtype=self.dtype, name='norm1')(x, train, moments)
     mid = DepthwiseConv(3, impl=self.depthwise_impl, dtype=self.dtype, name='mid')
-    x, moments = mid(x, train, with_moments=True)
+    x, moments = saved(*mid(x, train, with_moments=True))
     x = BatchNorm(activation='gelu', dtype=self.dtype, name='mid_norm')(x, train, moments)
-    x = dense(features, dtype=self.dtype, name='fc2')(x)
-    return BatchNorm(dtype=self.dtype, name='norm2')(x, train)
+    x, moments = saved(dense(features, dtype=self.dtype, name='fc2')(x))
+    return BatchNorm(dtype=self.dtype, name='norm2')(x, train, moments)
 
 
 class FFNBlock(nn.Module):
-  """Conv block of stages 1-4: x + DropPath(layer_scale * Mlp(x)); no token mixer, no pre-norm."""
+  """Conv block of stages 1-4: x + DropPath(layer_scale * Mlp(x)); no token mixer, no pre-norm.
+
+  ``remat_mlp``: in training, the Mlp runs under `nn.remat`, keeping only what it tags
+  (``Mlp.remat``): its two GELU outputs are recomputed in the backward pass from the BatchNorm
+  inputs kept anyway (ComputeOptions.remat_mlp).
+  """
 
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   layer_scale_init: float = 1e-5
   depthwise_impl: ops.DepthwiseImpl = 'auto'
+  remat_mlp: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -252,8 +280,13 @@ class FFNBlock(nn.Module):
       (features,),
       jnp.float32,
     )
-    y = Mlp(
+    mlp = Mlp
+    if self.remat_mlp and train:
+      policy = jax.checkpoint_policies.save_only_these_names(MLP_SAVED)
+      mlp = nn.remat(Mlp, static_argnums=(2,), policy=policy)  # (self, x, train)
+    y = mlp(
       int(features * self.mlp_ratio),
+      remat=self.remat_mlp,
       depthwise_impl=self.depthwise_impl,
       dtype=self.dtype,
       name='mlp',

@@ -285,6 +285,12 @@ def _activation_grad(z: jax.Array, activation: Activation) -> jax.Array:
   return cdf + z * pdf
 
 
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Batch mean and biased variance of x as train-mode BatchNorm computes them (for its
+  ``moments`` argument)."""
+  return _moments(x)
+
+
 def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Batch mean and biased variance over all axes but the last, float32, two passes."""
   axes = tuple(range(x.ndim - 1))

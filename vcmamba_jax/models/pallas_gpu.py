@@ -9,13 +9,14 @@ from collections.abc import Callable
 import jax
 
 
-def compiler_params(num_warps: int):
-  """Triton launch parameters. Pallas's Triton backend is deprecated from JAX 0.11 (Mosaic GPU is
-  its successor); older releases named the class TritonCompilerParams."""
+def compiler_params(num_warps: int, num_stages: int = 1):
+  """Triton launch parameters (num_stages > 1: Triton's software pipelining of a kernel's loop
+  loads). Pallas's Triton backend is deprecated from JAX 0.11 (Mosaic GPU is its successor);
+  older releases named the class TritonCompilerParams."""
   from jax.experimental.pallas import triton as plgpu
 
   params = getattr(plgpu, 'CompilerParams', None) or plgpu.TritonCompilerParams
-  return params(num_warps=num_warps, num_stages=1)
+  return params(num_warps=num_warps, num_stages=num_stages)
 
 
 def probe(run: Callable[[], object], kernel: str, fallback: str) -> bool:

@@ -24,6 +24,7 @@ from vcmamba_jax.models import pallas_gpu
 MAX_UNROLLED_LENGTH = 64
 FWD_BLOCK = 64
 BWD_BLOCK = 32
+NUM_STAGES = 1  # Triton's software pipelining of the chunk loop's loads (1: none)
 
 
 def _block(inner: int, preferred: int) -> int:
@@ -157,7 +158,7 @@ def _forward(u, delta, A, B, C, D, bias, interpret):
     grid=(seqs, inner // block),
     in_specs=[seq, seq, mat, tok, tok, vec, vec],
     out_specs=(seq, checkpoints),
-    compiler_params=None if interpret else pallas_gpu.compiler_params(4),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(4, NUM_STAGES),
     interpret=interpret,
   )(u, delta, A, B, C, D, bias)
 
@@ -187,7 +188,7 @@ def _backward(u, delta, A, B, C, D, bias, checkpoints, dy, interpret):
     grid=(seqs, blocks),
     in_specs=[seq, seq, mat, tok, tok, vec, vec, checkpoint_spec, seq],
     out_specs=(seq, seq, partial_mat, partial_tok, partial_tok),
-    compiler_params=None if interpret else pallas_gpu.compiler_params(4),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(4, NUM_STAGES),
     interpret=interpret,
   )(u, delta, A, B, C, D, bias, checkpoints, dy)
   dy32, u32 = dy.astype(f32), u.astype(f32)

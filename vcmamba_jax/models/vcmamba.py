@@ -117,11 +117,14 @@ class _ScannedFFNBlock(nn.Module):
 
   stochastic_depth: bool
   depthwise_impl: DepthwiseImpl
+  remat_mlp: bool
   dtype: Dtype
 
   @nn.compact
   def __call__(self, x: jax.Array, rate: jax.Array, train: bool) -> tuple[jax.Array, None]:
-    block = FFNBlock(depthwise_impl=self.depthwise_impl, dtype=self.dtype, name='block')
+    block = FFNBlock(
+      depthwise_impl=self.depthwise_impl, remat_mlp=self.remat_mlp, dtype=self.dtype, name='block'
+    )
     return block(x, train, drop_path_rate=rate if self.stochastic_depth else None), None
 
 
@@ -177,6 +180,7 @@ class Stage(nn.Module):
       x, _ = scanned(
         stochastic_depth=any(rates),
         depthwise_impl=self.options.depthwise_impl,
+        remat_mlp=self.options.remat_mlp,
         dtype=self.dtype,
         name=_SCANNED,
       )(x, jnp.asarray(rates, jnp.float32), train)
@@ -185,6 +189,7 @@ class Stage(nn.Module):
         x = FFNBlock(
           drop_path=self.drop_path_rates[j],
           depthwise_impl=self.options.depthwise_impl,
+          remat_mlp=self.options.remat_mlp,
           dtype=self.dtype,
           name=f'block{j}',
         )(x, train)
@@ -283,6 +288,7 @@ class VCMamba(nn.Module):
   remat_scan: bool = True
   depthwise_impl: DepthwiseImpl = 'auto'
   scan_blocks: bool = False
+  remat_mlp: bool = False
   dtype: Dtype = jnp.float32
 
   @property
@@ -375,7 +381,8 @@ def create_model(
       ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'chunked' |
       'fused' | 'pallas_tpu'; 'auto' = models.scan.resolve_auto), remat_scan,
       depthwise_impl ('auto' = 'taps' | 'xla' | 'matmul' | 'pallas', see models/ops.py),
-      scan_blocks (each stage's FFN blocks as one nn.scan), stem_activation.
+      scan_blocks (each stage's FFN blocks as one nn.scan), remat_mlp (recompute the Mlp's
+      GELU outputs in the backward pass), stem_activation.
   """
   if name not in VARIANTS:
     raise ValueError(f'unknown model {name!r}; available: {sorted(VARIANTS)}')

@@ -62,6 +62,7 @@ class VCMambaBackbone(nn.Module):
   remat_scan: bool = True
   depthwise_impl: DepthwiseImpl = 'auto'
   scan_blocks: bool = False
+  remat_mlp: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -229,7 +230,8 @@ def create_segmentation_model(
     dropout_ratio: channel dropout before ``conv_seg`` (mmseg: 0.1).
     dtype: compute dtype; parameters, norms and the logits stay float32.
     **backbone_kwargs: other ``VCMambaBackbone`` fields (depths, widths, num_mamba_layers,
-      stem_activation, scan_mode, scan_impl, remat_scan, depthwise_impl, scan_blocks).
+      stem_activation, scan_mode, scan_impl, remat_scan, depthwise_impl, scan_blocks,
+      remat_mlp).
   """
   if name not in SEG_MODELS:
     raise ValueError(f'unknown segmentation model {name!r}; available: {sorted(SEG_MODELS)}')

@@ -136,6 +136,7 @@ _RULES: list[tuple[str, Callable[[Any], str | None]]] = [
   ('model.remat_scan', _boolean),
   ('model.depthwise_impl', _one_of(DEPTHWISE_IMPLS)),
   ('model.scan_blocks', _boolean),
+  ('model.remat_mlp', _boolean),
   ('data.dataset', _non_empty_str),
   ('data.train_split', _non_empty_str),
   ('data.eval_split', _non_empty_str),
