@@ -161,7 +161,8 @@ case "${1:-}" in
     grep -h 'set up' "$OUT"/b_*.log | cut -c1-160
     ;;
   patch_blocks)
-    # B's train step (train only) on main, then on the scan patch (default launch settings); then
+    # B's train step (train only) on main (remat_mlp 'fc2_input'), with remat_mlp 'none', then on
+    # the scan patch (default launch settings); then
     # one FFN block of each stage of B: 'taps', then 'pallas' without and with Triton's software
     # pipelining of the row loop (LaunchConfig.num_stages), in what time is left.
     # First main's fused scan at B's shapes with Triton's software pipelining (num_stages 1-4).
@@ -170,13 +171,18 @@ case "${1:-}" in
     elapsed scan_stages $?
     B_FLAGS="$B_FLAGS --modes=train_synthetic"
     bench b_main main_py "${LIMIT:-140}"
-    bench b_remat main_py "${LIMIT:-140}" --config.model.remat_mlp=true
-    RUN="$ROOT/docs/pending/run_with_kernel_config.py {} scripts/benchmark.py" \
-      bench b_patched patched_py "${LIMIT:-140}"
-    main_py timeout $(( ${TOTAL:-575} - $(date +%s) + start )) python3 \
-      docs/pending/ffn_block_variants.py --batch 128 --variants 0,5,12,11,13,14 \
-      --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
-    elapsed blocks $?
+    bench b_none main_py "${LIMIT:-140}" --config.model.remat_mlp=none
+    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    if (( left >= 115 )); then
+      RUN="$ROOT/docs/pending/run_with_kernel_config.py {} scripts/benchmark.py" \
+        bench b_patched patched_py "$(( left < ${LIMIT:-140} ? left : ${LIMIT:-140} ))"
+    fi
+    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    if (( left >= 40 )); then
+      main_py timeout "$left" python3 docs/pending/ffn_block_variants.py --batch 128 \
+        --variants 0,5,12,11,13,14 --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
+      elapsed blocks $?
+    fi
     summary "$OUT"/b_*.log
     grep -h 'set up' "$OUT"/b_*.log | cut -c1-160
     grep '^{' "$OUT/blocks.log" | cut -c1-300

@@ -33,7 +33,7 @@ def ade20k_recipe(model_name: str) -> config_dict.ConfigDict:
   config.model.remat_scan = True
   config.model.depthwise_impl = 'auto'  # as in configs/common.py
   config.model.scan_blocks = False  # as in configs/common.py
-  config.model.remat_mlp = False  # as in configs/common.py
+  config.model.remat_mlp = 'fc2_input'  # as in configs/common.py
   # init_from's 7x7 pos_embed -> 16x16: 'bicubic' (correct) or 'upstream' (the authors' scrambling
   # reshape, quirk 6, to replicate their fine-tuning exactly).
   config.model.pos_embed_resize = 'bicubic'

@@ -211,29 +211,31 @@ class StochasticDepth(nn.Module):
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
 
 
-# What the conv Mlp keeps for its backward pass under `FFNBlock(remat_mlp=True)`.
+# What the conv Mlp keeps for its backward pass under `FFNBlock(remat_mlp != 'none')`.
 MLP_SAVED = 'mlp_saved'
 
 
 class Mlp(nn.Module):
   """EfficientFormer/VCMamba conv Mlp: 1x1 -> BN -> GELU -> dw3x3 -> BN -> GELU -> 1x1 -> BN.
 
-  ``remat`` (training under `nn.remat` with `save_only_these_names(MLP_SAVED)`, see FFNBlock):
-  the BatchNorms take their batch moments from outside their VJPs, and the outputs of fc1, the
-  depthwise conv and fc2 and the three moments are tagged MLP_SAVED: the backward pass keeps
-  those and recomputes the two GELU outputs (elementwise) instead of keeping them. Same numbers.
+  ``remat`` ('none' | 'fc2_input' | 'all'; training under `nn.remat` with
+  `save_only_these_names(MLP_SAVED)`, see FFNBlock): the BatchNorms take their batch moments
+  from outside their VJPs, and the outputs of fc1, the depthwise conv and fc2 and the three
+  moments are tagged MLP_SAVED (with 'fc2_input' also the first GELU output, the conv's input):
+  the backward pass keeps those and recomputes the other GELU outputs (elementwise) instead of
+  keeping them. Same numbers.
   """
 
   hidden_features: int
   depthwise_impl: ops.DepthwiseImpl = 'auto'
-  remat: bool = False
+  remat: str = 'none'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     features = x.shape[-1]
     hidden = self.hidden_features
-    remat = self.remat and train
+    remat = self.remat != 'none' and train
 
     def saved(y, moments=None):
       """y tagged, and under remat y's batch moments (given, or computed here) tagged."""
@@ -245,6 +247,8 @@ class Mlp(nn.Module):
 
     x, moments = saved(dense(hidden, dtype=self.dtype, name='fc1')(x))
     x = BatchNorm(activation='gelu', dtype=self.dtype, name='norm1')(x, train, moments)
+    if remat and self.remat == 'fc2_input':
+      x = checkpoint_name(x, MLP_SAVED)
     mid = DepthwiseConv(3, impl=self.depthwise_impl, dtype=self.dtype, name='mid')
     x, moments = saved(*mid(x, train, with_moments=True))
     x = BatchNorm(activation='gelu', dtype=self.dtype, name='mid_norm')(x, train, moments)
@@ -255,16 +259,16 @@ class Mlp(nn.Module):
 class FFNBlock(nn.Module):
   """Conv block of stages 1-4: x + DropPath(layer_scale * Mlp(x)); no token mixer, no pre-norm.
 
-  ``remat_mlp``: in training, the Mlp runs under `nn.remat`, keeping only what it tags
-  (``Mlp.remat``): its two GELU outputs are recomputed in the backward pass from the BatchNorm
-  inputs kept anyway (ComputeOptions.remat_mlp).
+  ``remat_mlp`` ('none' | 'fc2_input' | 'all'): in training, the Mlp runs under `nn.remat`,
+  keeping only what it tags (``Mlp.remat``): its second (or both) GELU outputs are recomputed in
+  the backward pass from the BatchNorm inputs kept anyway (ComputeOptions.remat_mlp).
   """
 
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   layer_scale_init: float = 1e-5
   depthwise_impl: ops.DepthwiseImpl = 'auto'
-  remat_mlp: bool = False
+  remat_mlp: str = 'none'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -281,7 +285,7 @@ class FFNBlock(nn.Module):
       jnp.float32,
     )
     mlp = Mlp
-    if self.remat_mlp and train:
+    if self.remat_mlp != 'none' and train:
       policy = jax.checkpoint_policies.save_only_these_names(MLP_SAVED)
       mlp = nn.remat(Mlp, static_argnums=(2,), policy=policy)  # (self, x, train)
     y = mlp(

@@ -26,7 +26,7 @@ from vcmamba_jax.models.layers import (
 )
 from vcmamba_jax.models.mamba import PlainMambaLayer
 from vcmamba_jax.models.ops import DepthwiseImpl
-from vcmamba_jax.models.options import ComputeOptions, ScanMode
+from vcmamba_jax.models.options import ComputeOptions, RematMlp, ScanMode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,7 @@ class _ScannedFFNBlock(nn.Module):
 
   stochastic_depth: bool
   depthwise_impl: DepthwiseImpl
-  remat_mlp: bool
+  remat_mlp: RematMlp
   dtype: Dtype
 
   @nn.compact
@@ -288,7 +288,7 @@ class VCMamba(nn.Module):
   remat_scan: bool = True
   depthwise_impl: DepthwiseImpl = 'auto'
   scan_blocks: bool = False
-  remat_mlp: bool = False
+  remat_mlp: RematMlp = 'fc2_input'
   dtype: Dtype = jnp.float32
 
   @property
@@ -381,8 +381,8 @@ def create_model(
       ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'chunked' |
       'fused' | 'pallas_tpu'; 'auto' = models.scan.resolve_auto), remat_scan,
       depthwise_impl ('auto' = 'taps' | 'xla' | 'matmul' | 'pallas', see models/ops.py),
-      scan_blocks (each stage's FFN blocks as one nn.scan), remat_mlp (recompute the Mlp's
-      GELU outputs in the backward pass), stem_activation.
+      scan_blocks (each stage's FFN blocks as one nn.scan), remat_mlp ('none' | 'fc2_input' |
+      'all': the Mlp's GELU outputs recomputed in the backward pass), stem_activation.
   """
   if name not in VARIANTS:
     raise ValueError(f'unknown model {name!r}; available: {sorted(VARIANTS)}')

@@ -22,7 +22,7 @@ from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.models import vcmamba as vcmamba_lib
 from vcmamba_jax.models.layers import BatchNorm, Dtype, conv, dense
 from vcmamba_jax.models.ops import DepthwiseImpl
-from vcmamba_jax.models.options import ComputeOptions, ScanMode
+from vcmamba_jax.models.options import ComputeOptions, RematMlp, ScanMode
 from vcmamba_jax.segmentation.resize import resize
 
 FPN_CHANNELS = 256
@@ -62,7 +62,7 @@ class VCMambaBackbone(nn.Module):
   remat_scan: bool = True
   depthwise_impl: DepthwiseImpl = 'auto'
   scan_blocks: bool = False
-  remat_mlp: bool = False
+  remat_mlp: RematMlp = 'fc2_input'
   dtype: Dtype = jnp.float32
 
   @nn.compact

@@ -284,7 +284,7 @@ def compile_for_topology(
     'scan_impl': scan_impl,
     'remat_scan': bool(config.model.remat_scan),
     'scan_blocks': bool(config.model.get('scan_blocks', False)),
-    'remat_mlp': bool(config.model.get('remat_mlp', False)),
+    'remat_mlp': config.model.get('remat_mlp', 'fc2_input'),
     'jax': jax.__version__,
     'libtpu': builders.libtpu_version() or 'unknown',
     'hbm_per_chip': chip.hbm_bytes,

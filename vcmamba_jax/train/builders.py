@@ -154,7 +154,7 @@ def model_kwargs(config: ConfigDict) -> dict[str, Any]:
     'remat_scan': m.remat_scan,
     'depthwise_impl': m.get('depthwise_impl', 'auto'),
     'scan_blocks': m.get('scan_blocks', False),
-    'remat_mlp': m.get('remat_mlp', False),
+    'remat_mlp': m.get('remat_mlp', 'fc2_input'),
   }
 
 

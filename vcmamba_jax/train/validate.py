@@ -16,7 +16,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from vcmamba_jax.models.options import DEPTHWISE_IMPLS
+from vcmamba_jax.models.options import DEPTHWISE_IMPLS, REMAT_MLP
 from vcmamba_jax.models.scan import SCAN_IMPLS
 
 MODES = ('train', 'eval')
@@ -136,7 +136,7 @@ _RULES: list[tuple[str, Callable[[Any], str | None]]] = [
   ('model.remat_scan', _boolean),
   ('model.depthwise_impl', _one_of(DEPTHWISE_IMPLS)),
   ('model.scan_blocks', _boolean),
-  ('model.remat_mlp', _boolean),
+  ('model.remat_mlp', _one_of(REMAT_MLP)),
   ('data.dataset', _non_empty_str),
   ('data.train_split', _non_empty_str),
   ('data.eval_split', _non_empty_str),
