@@ -12,7 +12,7 @@ from vcmamba_jax.models.scan import SCAN_IMPLS, ScanImpl
 ScanMode = Literal['upstream', 'corrected']
 SCAN_MODES = ('upstream', 'corrected')
 RematMlp = Literal['none', 'fc2_input', 'all']
-REMAT_MLP = ('none', 'fc2_input', 'all')
+REMAT_MLP = get_args(RematMlp)
 DEPTHWISE_IMPLS = get_args(DepthwiseImpl)
 
 

@@ -272,6 +272,7 @@ def compile_for_topology(
   shardings = sharding_lib.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
   state_structs = _with_shardings(abstract_state, shardings)
 
+  model_kwargs = builders.model_kwargs(config)
   report: dict[str, Any] = {
     'topology': topology,
     'chips': num_chips,
@@ -283,8 +284,8 @@ def compile_for_topology(
     'per_chip_batch': int(config.global_batch_size // num_chips),
     'scan_impl': scan_impl,
     'remat_scan': bool(config.model.remat_scan),
-    'scan_blocks': bool(config.model.get('scan_blocks', False)),
-    'remat_mlp': config.model.get('remat_mlp', 'fc2_input'),
+    'scan_blocks': model_kwargs['scan_blocks'],
+    'remat_mlp': model_kwargs['remat_mlp'],
     'jax': jax.__version__,
     'libtpu': builders.libtpu_version() or 'unknown',
     'hbm_per_chip': chip.hbm_bytes,

@@ -27,6 +27,7 @@ from vcmamba_jax import data as data_lib
 from vcmamba_jax import sharding as sharding_lib
 from vcmamba_jax.data import image_folder as image_folder_lib
 from vcmamba_jax.models import create_model
+from vcmamba_jax.models.options import ComputeOptions
 from vcmamba_jax.train import distillation, optim, steps
 from vcmamba_jax.train import state as state_lib
 
@@ -143,8 +144,10 @@ def check_num_classes(config: ConfigDict) -> None:
 
 
 def model_kwargs(config: ConfigDict) -> dict[str, Any]:
-  """`create_model` options from `config.model` (everything but the name)."""
+  """`create_model` options from `config.model` (everything but the name); compute options an
+  older config lacks take ComputeOptions' defaults."""
   m = config.model
+  defaults = ComputeOptions()
   return {
     'num_classes': m.num_classes,
     'img_size': m.img_size,
@@ -152,9 +155,9 @@ def model_kwargs(config: ConfigDict) -> dict[str, Any]:
     'dtype': jnp.dtype(m.dtype),
     'scan_impl': m.scan_impl,
     'remat_scan': m.remat_scan,
-    'depthwise_impl': m.get('depthwise_impl', 'auto'),
-    'scan_blocks': m.get('scan_blocks', False),
-    'remat_mlp': m.get('remat_mlp', 'fc2_input'),
+    'depthwise_impl': m.get('depthwise_impl', defaults.depthwise_impl),
+    'scan_blocks': m.get('scan_blocks', defaults.scan_blocks),
+    'remat_mlp': m.get('remat_mlp', defaults.remat_mlp),
   }
 
 
