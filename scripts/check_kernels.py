@@ -141,6 +141,27 @@ def cases(model: str, batch: int, length: int, dtype, seed: int):
           (0, 1, 2),
         )
       )
+  # Inference: the Mlp's 3x3 conv with mid_norm (running statistics) and GELU in one kernel,
+  # against the conv in float32 then the same BatchNorm and GELU, on every stage's grid.
+  for i, (_, grid, channels) in enumerate(shapes[1:]):
+    keys = jax.random.split(jax.random.key(seed * 10 + i), 5)
+    x = jax.random.normal(keys[0], (batch, grid, grid, channels), dtype)
+    w = jax.random.normal(keys[1], (3, 3, 1, channels)) * 0.2
+    b = jax.random.normal(keys[2], (channels,))
+    affine = (
+      jax.random.normal(keys[3], (channels,)) * 0.3,
+      1 + 0.2 * jax.random.normal(keys[4], (channels,)),
+      0.1 * jax.random.normal(keys[2], (channels,)),
+    )
+    out.append(
+      (
+        f'depthwise 3x3 + mid_norm + gelu (eval) pallas vs lax.conv {grid}x{grid}x{channels}',
+        lambda x, w, b, affine=affine: ops.depthwise_conv_bn_gelu(x, w, b, affine, impl='pallas'),
+        lambda x, w, b, affine=affine: ops.batch_norm_eval(ref_depthwise(x, w, b), *affine, 'gelu'),
+        (x, w, b),
+        (0, 1, 2),
+      )
+    )
   kx, ks, kb = jax.random.split(jax.random.key(seed * 1000), 3)
   channels = 4 * widths[0]
   x = (jax.random.normal(kx, (batch, 56, 56, channels)) * 2 + 0.5).astype(dtype)

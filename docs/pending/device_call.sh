@@ -18,7 +18,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -204,6 +204,28 @@ case "${1:-}" in
       fi
     done
     summary "$OUT"/[smb].log "$OUT"/b_dw_eval.log
+    ;;
+  fused)
+    # Inference's fused Mlp conv (3x3 depthwise + mid_norm + GELU in one Pallas kernel, now
+    # 'auto' in inference on GPUs): its GPU checks (float32, bfloat16, every stage's grid), B
+    # (train and eval, main), B's eval on the unfused path (depthwise_impl=xla: cuDNN's conv,
+    # then BatchNorm + GELU), the fused eval step's kernels, then S and M in what time is left.
+    main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only eval > "$OUT/check_eval.log" 2>&1
+    elapsed check_eval $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_eval.log" | cut -c1-130
+    bench b main_py "${LIMIT:-150}"
+    bench b_xla main_py 90 --modes=eval_synthetic --config.model.depthwise_impl=xla
+    main_py timeout 90 python3 scripts/profile_step.py ${B_FLAGS%--modes*} --modes=eval --top=40 \
+      --json_out="$OUT/profile_eval.json" > "$OUT/profile_eval.log" 2>&1
+    elapsed profile_eval $?
+    for v in s m; do
+      left=$(( ${TOTAL:-585} - $(date +%s) + start ))
+      if (( left >= 100 )); then
+        B_FLAGS=${B_FLAGS/vcmamba_b.py/vcmamba_$v.py} bench "$v" main_py "$left"
+      fi
+    done
+    summary "$OUT"/[smb].log "$OUT"/b_xla.log
     ;;
   compile)
     # Issue 10 wants B's train step compiled cold in <= 60 s (76 s on an H200, 2026-12-02). Where

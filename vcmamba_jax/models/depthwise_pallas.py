@@ -240,7 +240,7 @@ def depthwise_forward(
 
 @functools.cache
 def available() -> bool:
-  """Whether both kernels compile and run on the default backend (a GPU); False, with one logged
+  """Whether the kernels compile and run on the default backend (a GPU); False, with one logged
   line, on other backends or if Pallas's Triton backend fails (callers then use the XLA
   formulation)."""
   if jax.default_backend() != 'gpu':
@@ -249,8 +249,131 @@ def available() -> bool:
   def run():
     x = np.ones((1, 4, 4, 16), np.float32)
     k, b = x[0, :3, :3], x[0, 0, 0]
-    for fn, args in [(depthwise_forward, (x, k, b)), (depthwise_backward, (x, x, k))]:
+    params = np.ones((4, 16), np.float32)
+    for fn, args in [
+      (depthwise_forward, (x, k, b)),
+      (depthwise_backward, (x, x, k)),
+      (depthwise_bn_gelu, (x, k, params)),
+    ]:
       specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
       np.asarray(jax.jit(fn).lower(*specs).compile()(*args)[0])
 
   return pallas_gpu.probe(run, 'Pallas depthwise conv', "the XLA formulation ('taps')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: the Mlp's depthwise conv with the following BatchNorm (running statistics) and GELU
+# ---------------------------------------------------------------------------------------------
+# Phi(z) = 1 - Q(|z|) for z >= 0 and Q(|z|) below, Q(a) = erfc(a / sqrt 2) / 2, with
+# erfc(u) ~ t (c1 + t (c2 + ... + t c5)) exp(-u^2), t = 1 / (1 + p u): Abramowitz & Stegun
+# 7.1.26, |error| < 1.5e-7 on erf. Pallas's Triton lowering has no erf; this needs one exp and
+# one division, and has no cancellation for z < 0 (the tail is computed directly).
+_ERFC_P = 0.3275911
+_ERFC_C = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def gelu_in_kernel(z: jax.Array) -> jax.Array:
+  """Exact GELU z * Phi(z) of a float32 array, to 1e-7 of Phi, from ops Triton lowers."""
+  u = jnp.abs(z) * np.float32(1.0 / np.sqrt(2.0))
+  t = 1.0 / (1.0 + _ERFC_P * u)
+  poly = _ERFC_C[-1]
+  for c in reversed(_ERFC_C[:-1]):
+    poly = c + t * poly
+  tail = 0.5 * t * poly * jnp.exp(-u * u)  # Q(|z|) = P(Z > |z|)
+  return z * jnp.where(z >= 0, 1.0 - tail, tail)
+
+
+def _pow2_divisor(n: int) -> int:
+  return n & -n
+
+
+def eval_tiles(hw: int, channels: int, tile_elements: int = 2048) -> tuple[int, int]:
+  """(pixels, channels) of a program's tile in `depthwise_bn_gelu`: pixels a power of two
+  dividing H*W (at most 64), so that the flattened image splits into whole tiles; channels a
+  power of two dividing C, up to 256 and about `tile_elements` / pixels."""
+  pixels = min(_pow2_divisor(hw), 64)
+  block = min(_pow2_divisor(channels), max(16, tile_elements // pixels), 256)
+  return pixels, block
+
+
+def _eval_kernel(xp_ref, k_ref, p_ref, y_ref, *, width, ksize, pixels, steps):
+  """xp_ref [H*W + 2f, blk]: x flattened over (H, W) with f = p*W + p zero pixels before and
+  after (so every tap's load is in bounds, and rows outside the image read zeros); k_ref
+  [K*K, blk]; p_ref [4, blk] float32: conv bias, BatchNorm's running mean, scale * rsqrt(var +
+  eps) and bias -> y_ref [H*W, blk] = GELU(BatchNorm(conv(x) + bias)). A program walks its image
+  in tiles of `pixels` consecutive pixels; taps that cross a row's end are masked by column."""
+  from jax.experimental import pallas as pl
+
+  f32 = jnp.float32
+  pad = ksize // 2
+  front = pad * width + pad
+  kern = [k_ref[t, :].astype(f32)[None, :] for t in range(ksize * ksize)]
+  # As the unfused path: the bias rounded to the compute dtype, added in float32, one rounding.
+  bias = p_ref[0, :].astype(y_ref.dtype).astype(f32)[None, :]
+  mean, mul, shift = (p_ref[i, :][None, :] for i in (1, 2, 3))
+  offsets = jax.lax.broadcasted_iota(jnp.int32, (pixels, 1), 0)
+
+  def tile(i, carry):
+    start = i * pixels
+    column = (start + offsets) % width
+    acc = None
+    for dj in range(ksize):
+      part = None
+      for di in range(ksize):
+        xs = xp_ref[pl.ds(start + front + (di - pad) * width + dj - pad, pixels), :]
+        term = xs.astype(f32) * kern[di * ksize + dj]
+        part = term if part is None else part + term
+      source = column + (dj - pad)  # the column these taps read
+      part = jnp.where((source >= 0) & (source < width), part, 0.0)
+      acc = part if acc is None else acc + part
+    y = (acc + bias).astype(y_ref.dtype).astype(f32)
+    y_ref[pl.ds(start, pixels), :] = gelu_in_kernel((y - mean) * mul + shift).astype(y_ref.dtype)
+    return carry
+
+  jax.lax.fori_loop(0, steps, tile, 0)
+
+
+def depthwise_bn_gelu(
+  x: jax.Array,
+  kernel: jax.Array,
+  params: jax.Array,
+  *,
+  interpret: bool = False,
+  tile_elements: int = 2048,
+) -> jax.Array:
+  """GELU((correlate(x, kernel) + bias - mean) * mul + shift) in one pass (inference).
+
+  Args:
+    x: [B, H, W, C].
+    kernel: [K, K, C], K odd.
+    params: [4, C] float32: the conv's bias, then BatchNorm's running mean, scale * rsqrt(var +
+      eps) and bias.
+    interpret: run in the Pallas interpreter (any backend; for tests).
+  Returns:
+    [B, H, W, C] in x's dtype: the conv's output rounded to x's dtype, then BatchNorm and GELU
+    in float32, rounded once.
+  """
+  from jax.experimental import pallas as pl
+
+  batch, height, width, channels = x.shape
+  ksize = kernel.shape[0]
+  hw = height * width
+  front = (ksize // 2) * (width + 1)
+  pixels, block = eval_tiles(hw, channels, tile_elements)
+  flat = jnp.pad(x.reshape(batch, hw, channels), ((0, 0), (front, front), (0, 0)))
+  y = pl.pallas_call(
+    functools.partial(
+      _eval_kernel, width=width, ksize=ksize, pixels=pixels, steps=hw // pixels
+    ),
+    out_shape=jax.ShapeDtypeStruct((batch, hw, channels), x.dtype),
+    grid=(batch, channels // block),
+    in_specs=[
+      pl.BlockSpec((None, hw + 2 * front, block), lambda b, c: (b, 0, c)),
+      pl.BlockSpec((ksize * ksize, block), lambda b, c: (0, c)),
+      pl.BlockSpec((4, block), lambda b, c: (0, c)),
+    ],
+    out_specs=pl.BlockSpec((None, hw, block), lambda b, c: (b, 0, c)),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(4),
+    interpret=interpret,
+  )(flat, kernel.reshape(ksize * ksize, channels), params.astype(jnp.float32))
+  return y.reshape(batch, height, width, channels)

@@ -179,6 +179,69 @@ def _pallas_with_moments(x, kernel, bias):
   return y, (jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
 
 
+def depthwise_conv_bn_gelu(
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array,
+  affine: tuple[jax.Array, jax.Array, jax.Array],
+  *,
+  impl: DepthwiseImpl = 'auto',
+) -> jax.Array:
+  """Inference: GELU(BatchNorm(depthwise_conv(x) + bias)) with BatchNorm's running statistics,
+  ``affine`` = (mean, mul, shift) as ``batch_norm_eval`` takes them.
+
+  impl 'pallas': one Pallas kernel (models/depthwise_pallas.py, ``depthwise_bn_gelu``) that
+  reads x once and writes the activated output once, where the unfused formulation writes and
+  reads back the conv's output; gradients (an eval-mode saliency map, say) through the unfused
+  formulation. Other impls: ``depthwise_conv`` then ``batch_norm_eval``. Returns x's dtype.
+  """
+  check_depthwise_kernel(kernel)
+  impl = _resolve_depthwise_impl(impl)
+  if impl != 'pallas':
+    return batch_norm_eval(depthwise_conv(x, kernel, bias, impl=impl), *affine, 'gelu')
+  interpret = jax.default_backend() != 'gpu'
+  return _depthwise_bn_gelu_pallas(x, kernel, bias, tuple(affine), interpret)
+
+
+def batch_norm_eval(
+  x: jax.Array,
+  mean: jax.Array,
+  mul: jax.Array,
+  shift: jax.Array,
+  activation: Activation,
+  dtype=None,
+) -> jax.Array:
+  """BatchNorm with running statistics, ``mul`` = scale * rsqrt(var + eps), in float32, then
+  the activation, rounded once to ``dtype`` (default x's)."""
+  y = activate((x.astype(jnp.float32) - mean) * mul + shift, activation)
+  return y.astype(dtype or x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _depthwise_bn_gelu_pallas(x, kernel, bias, affine, interpret):
+  from vcmamba_jax.models import depthwise_pallas
+
+  params = jnp.stack([bias.astype(jnp.float32), *(a.astype(jnp.float32) for a in affine)])
+  k = kernel.astype(x.dtype)[:, :, 0, :]
+  return depthwise_pallas.depthwise_bn_gelu(x, k, params, interpret=interpret)
+
+
+def _depthwise_bn_gelu_unfused(x, kernel, bias, affine):
+  return batch_norm_eval(depthwise_conv(x, kernel, bias, impl='taps'), *affine, 'gelu')
+
+
+def _depthwise_bn_gelu_pallas_fwd(x, kernel, bias, affine, interpret):
+  return _depthwise_bn_gelu_pallas(x, kernel, bias, affine, interpret), (x, kernel, bias, affine)
+
+
+def _depthwise_bn_gelu_pallas_bwd(interpret, residuals, g):
+  del interpret
+  return jax.vjp(_depthwise_bn_gelu_unfused, *residuals)[1](g)
+
+
+_depthwise_bn_gelu_pallas.defvjp(_depthwise_bn_gelu_pallas_fwd, _depthwise_bn_gelu_pallas_bwd)
+
+
 def check_depthwise_kernel(kernel: jax.Array) -> None:
   if kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[0] % 2 != 1:
     raise ValueError(f'expected a [K, K, 1, C] depthwise kernel with K odd, got {kernel.shape}')
