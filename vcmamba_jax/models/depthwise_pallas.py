@@ -362,9 +362,7 @@ def depthwise_bn_gelu(
   pixels, block = eval_tiles(hw, channels, tile_elements)
   flat = jnp.pad(x.reshape(batch, hw, channels), ((0, 0), (front, front), (0, 0)))
   y = pl.pallas_call(
-    functools.partial(
-      _eval_kernel, width=width, ksize=ksize, pixels=pixels, steps=hw // pixels
-    ),
+    functools.partial(_eval_kernel, width=width, ksize=ksize, pixels=pixels, steps=hw // pixels),
     out_shape=jax.ShapeDtypeStruct((batch, hw, channels), x.dtype),
     grid=(batch, channels // block),
     in_specs=[
