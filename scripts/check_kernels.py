@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 import vcmamba_jax
-from vcmamba_jax.models import ops, scan_pallas
+from vcmamba_jax.models import depthwise_pallas, ops, scan_pallas
 from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.train import state as state_lib
 
@@ -234,6 +234,14 @@ def main() -> int:
   args = parser.parse_args()
   print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}', flush=True)
   gpu = jax.default_backend() == 'gpu'
+  if gpu:  # a kernel that falls back would compare the fallback with the reference and pass
+    for name, ok in [
+      ('Pallas depthwise kernels available', depthwise_pallas.available()),
+      ('fused Pallas scan available', scan_pallas.fused_backend_available()),
+    ]:
+      print(f'{"ok  " if ok else "FAIL"} {name}')
+      if not ok:
+        FAILED.append(name)
   for seed, (dtype, bound) in enumerate(((jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)), start=1):
     for name, fast, ref, fn_args, argnums in cases(
       args.model, args.check_batch, args.length, dtype, seed

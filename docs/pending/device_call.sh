@@ -18,7 +18,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused && "${1:-}" != fused2 ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -226,6 +226,34 @@ case "${1:-}" in
       fi
     done
     summary "$OUT"/[smb].log "$OUT"/b_xla.log
+    ;;
+  fused2)
+    # The fused inference conv again, its probe fixed (in `fused` it fell back to 'taps' on the
+    # GPU: 'auto' inference became 'taps' + BatchNorm + GELU in one XLA loop, 17% slower): the
+    # GPU checks (which now FAIL where a kernel is unavailable), the kernel against the unfused
+    # ops at B's four stage shapes for several tiles, then eval-only benchmarks (no train
+    # compile), fused ('auto') and unfused (depthwise_impl=xla): B, S, M.
+    main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only eval > "$OUT/check_eval.log" 2>&1
+    elapsed check_eval $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_eval.log" | cut -c1-130
+    main_py timeout 80 python3 docs/pending/eval_conv_tiles.py > "$OUT/tiles.log" 2>&1
+    elapsed tiles $?
+    grep '^{' "$OUT/tiles.log"
+    B_FLAGS="$B_FLAGS --modes=eval_synthetic"
+    bench b main_py 80
+    bench b_xla main_py 80 --config.model.depthwise_impl=xla
+    for v in s m; do
+      for impl in auto xla; do
+        left=$(( ${TOTAL:-560} - $(date +%s) + start ))
+        if (( left >= 50 )); then
+          B_FLAGS=${B_FLAGS/vcmamba_b.py/vcmamba_$v.py} bench "${v}_$impl" main_py \
+            "$(( left < 70 ? left : 70 ))" --config.model.depthwise_impl=$impl
+        fi
+      done
+    done
+    grep -h 'unavailable' "$OUT"/*.log | cut -c1-200 | sort | uniq -c
+    summary "$OUT"/b*.log "$OUT"/s_*.log "$OUT"/m_*.log
     ;;
   compile)
     # Issue 10 wants B's train step compiled cold in <= 60 s (76 s on an H200, 2026-12-02). Where

@@ -59,9 +59,11 @@ def test_pallas_depthwise_kernels_lower_to_triton_at_the_b_shapes(kernel, grid, 
   x = jax.ShapeDtypeStruct((128, grid, grid, channels), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((kernel, kernel, channels), jnp.bfloat16)
   b = jax.ShapeDtypeStruct((channels,), jnp.float32)
+  p = jax.ShapeDtypeStruct((4, channels), jnp.float32)
   for fn, args in [
     (lambda x, k, b: depthwise_pallas.depthwise_forward(x, k, b), (x, k, b)),
     (lambda x, g, k: depthwise_pallas.depthwise_backward(x, g, k), (x, x, k)),
+    (lambda x, k, p: depthwise_pallas.depthwise_bn_gelu(x, k, p), (x, k, p)),
   ]:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
     assert text.count('custom_call @__gpu$xla.gpu.triton') == 1
@@ -118,6 +120,75 @@ def test_mlp_with_the_pallas_depthwise_trains_as_with_taps():
       a,
       r,
     )
+
+
+def test_the_pallas_depthwise_probe_runs_while_a_model_is_being_traced():
+  # The first model that asks `depthwise_pallas.available()` asks while jit traces it: the probe
+  # must not apply ops to its results (an index into a result became a tracer, the probe failed
+  # on the GPU and every 'pallas' conv fell back to 'taps').
+  jax.jit(lambda y: (depthwise_pallas.run_each_kernel(interpret=True), y)[1])(1.0)
+
+
+def test_fused_eval_conv_matches_the_unfused_ops():
+  """depthwise conv + mid_norm (running statistics) + GELU in one Pallas kernel (interpreter)
+  against `depthwise_conv` then `batch_norm_eval`: float32 to rounding, gradients through the
+  unfused formula, on grids whose pixel count is odd, a power of two times 7 and 2 x 3 (a 7x7
+  kernel larger than the grid), so every tile height and the row-crossing masks run."""
+  for kernel, height, width, channels in [
+    (3, 9, 10, 48),
+    (3, 7, 7, 32),
+    (3, 8, 8, 16),
+    (7, 2, 3, 8),
+  ]:
+    keys = jax.random.split(jax.random.key(height * width + kernel), 6)
+    x = jax.random.normal(keys[0], (2, height, width, channels))
+    w = jax.random.normal(keys[1], (kernel, kernel, 1, channels)) * 0.3
+    b = jax.random.normal(keys[2], (channels,))
+    affine = (
+      jax.random.normal(keys[3], (channels,)) * 0.3,
+      1 + 0.2 * jax.random.normal(keys[4], (channels,)),
+      0.1 * jax.random.normal(keys[5], (channels,)),
+    )
+    fused = lambda x, w, b: ops.depthwise_conv_bn_gelu(x, w, b, affine, impl='pallas')
+    unfused = lambda x, w, b: ops.batch_norm_eval(
+      ops.depthwise_conv(x, w, b, impl='xla'), *affine, 'gelu'
+    )
+    with jax.default_matmul_precision('highest'):
+      y_fast, g_fast = _value_and_grads(fused, (x, w, b))
+      y_ref, g_ref = _value_and_grads(unfused, (x, w, b))
+    np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=2e-6)
+    for name, a, r in zip(['x', 'kernel', 'bias'], g_fast, g_ref):
+      np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_the_kernels_gelu_is_exact_gelu_to_float32_rounding():
+  z = jnp.linspace(-12.0, 12.0, 100_001)
+  got, want = depthwise_pallas.gelu_in_kernel(z), jax.nn.gelu(z, approximate=False)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  # Phi itself to the formula's 1.5e-7 plus float32 rounding (GELU's error is that times |z|).
+  nonzero = jnp.where(z == 0, 1.0, z)
+  np.testing.assert_allclose(got / nonzero, want / nonzero, rtol=0, atol=4e-7)
+
+
+def test_mlp_inference_with_the_fused_conv_computes_the_unfused_mlp():
+  """Mlp in inference: impl 'pallas' (conv, mid_norm and GELU in one kernel, its parameters
+  read through `BatchNorm.eval_affine`) against 'xla' (the unfused layers), with non-trivial
+  running statistics."""
+  from vcmamba_jax.models.layers import Mlp
+
+  x = jax.random.normal(jax.random.key(1), (2, 6, 7, 8))
+  variables = Mlp(16).init(jax.random.key(0), x, train=False)
+  noise = lambda a: a + 0.1 * jax.random.normal(jax.random.key(a.size), a.shape)
+  variables = jax.tree.map(noise, variables)
+  with jax.default_matmul_precision('highest'):
+    got, want = (
+      jax.jit(lambda v, x, impl=impl: Mlp(16, depthwise_impl=impl).apply(v, x, train=False))(
+        variables, x
+      )
+      for impl in ('pallas', 'xla')
+    )
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(want).max()) > 0.1
 
 
 def test_depthwise_conv_rejects_a_dense_kernel():

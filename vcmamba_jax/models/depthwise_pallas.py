@@ -245,20 +245,23 @@ def available() -> bool:
   formulation)."""
   if jax.default_backend() != 'gpu':
     return False
+  return pallas_gpu.probe(run_each_kernel, 'Pallas depthwise conv', "the XLA formulation ('taps')")
 
-  def run():
-    x = np.ones((1, 4, 4, 16), np.float32)
-    k, b = x[0, :3, :3], x[0, 0, 0]
-    params = np.ones((4, 16), np.float32)
-    for fn, args in [
-      (depthwise_forward, (x, k, b)),
-      (depthwise_backward, (x, x, k)),
-      (depthwise_bn_gelu, (x, k, params)),
-    ]:
-      specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-      np.asarray(jax.jit(fn).lower(*specs).compile()(*args)[0])
 
-  return pallas_gpu.probe(run, 'Pallas depthwise conv', "the XLA formulation ('taps')")
+def run_each_kernel(interpret: bool = False) -> None:
+  """Compiles and runs every kernel here on tiny inputs (the probe). Callers may be tracing (the
+  first model that asks traces under jit): nothing here may apply an op to the results."""
+  x = np.ones((1, 4, 4, 16), np.float32)
+  k, b = x[0, :3, :3], x[0, 0, 0]
+  params = np.ones((4, 16), np.float32)
+  for fn, args in [
+    (depthwise_forward, (x, k, b)),
+    (depthwise_backward, (x, x, k)),
+    (depthwise_bn_gelu, (x, k, params)),
+  ]:
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    compiled = jax.jit(functools.partial(fn, interpret=interpret)).lower(*specs).compile()
+    jax.block_until_ready(compiled(*args))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,11 +290,13 @@ def _pow2_divisor(n: int) -> int:
   return n & -n
 
 
-def eval_tiles(hw: int, channels: int, tile_elements: int = 2048) -> tuple[int, int]:
+def eval_tiles(
+  hw: int, channels: int, tile_elements: int = 2048, max_pixels: int = 64
+) -> tuple[int, int]:
   """(pixels, channels) of a program's tile in `depthwise_bn_gelu`: pixels a power of two
-  dividing H*W (at most 64), so that the flattened image splits into whole tiles; channels a
-  power of two dividing C, up to 256 and about `tile_elements` / pixels."""
-  pixels = min(_pow2_divisor(hw), 64)
+  dividing H*W (at most `max_pixels`), so that the flattened image splits into whole tiles;
+  channels a power of two dividing C, up to 256 and about `tile_elements` / pixels."""
+  pixels = min(_pow2_divisor(hw), max_pixels)
   block = min(_pow2_divisor(channels), max(16, tile_elements // pixels), 256)
   return pixels, block
 
@@ -340,6 +345,7 @@ def depthwise_bn_gelu(
   *,
   interpret: bool = False,
   tile_elements: int = 2048,
+  max_pixels: int = 64,
 ) -> jax.Array:
   """GELU((correlate(x, kernel) + bias - mean) * mul + shift) in one pass (inference).
 
@@ -349,6 +355,7 @@ def depthwise_bn_gelu(
     params: [4, C] float32: the conv's bias, then BatchNorm's running mean, scale * rsqrt(var +
       eps) and bias.
     interpret: run in the Pallas interpreter (any backend; for tests).
+    tile_elements, max_pixels: a program's tile (`eval_tiles`).
   Returns:
     [B, H, W, C] in x's dtype: the conv's output rounded to x's dtype, then BatchNorm and GELU
     in float32, rounded once.
@@ -359,7 +366,7 @@ def depthwise_bn_gelu(
   ksize = kernel.shape[0]
   hw = height * width
   front = (ksize // 2) * (width + 1)
-  pixels, block = eval_tiles(hw, channels, tile_elements)
+  pixels, block = eval_tiles(hw, channels, tile_elements, max_pixels)
   flat = jnp.pad(x.reshape(batch, hw, channels), ((0, 0), (front, front), (0, 0)))
   y = pl.pallas_call(
     functools.partial(_eval_kernel, width=width, ksize=ksize, pixels=pixels, steps=hw // pixels),

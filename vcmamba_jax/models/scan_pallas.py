@@ -276,7 +276,7 @@ def probe_fused_kernels() -> bool:
     args = (u, u, -np.ones((8, 16), f32), n, n, np.ones((8,), f32), np.zeros((8,), f32))
     fn = jax.jit(jax.grad(lambda *a: _fused_scan(*a, False).sum(), argnums=(0, 1)))
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-    np.asarray(fn.lower(*specs).compile()(*args)[0])
+    jax.block_until_ready(fn.lower(*specs).compile()(*args))
 
   return pallas_gpu.probe(run, 'fused Pallas scan', "the XLA scan ('associative')")
 

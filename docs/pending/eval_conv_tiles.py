@@ -1,0 +1,64 @@
+"""Times inference's fused Mlp conv (`depthwise_pallas.depthwise_bn_gelu`: 3x3 depthwise conv,
+BatchNorm with running statistics and GELU in one kernel) at B's four stage shapes (batch 256,
+bfloat16) for several tile settings, against the unfused ops (cuDNN's conv, then BatchNorm +
+GELU as one XLA pass). One JSON line per shape and setting; run on the GPU machine.
+
+  python3 docs/pending/eval_conv_tiles.py [--batch 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vcmamba_jax.models import depthwise_pallas, ops
+
+SETTINGS = [(2048, 64), (2048, 32), (2048, 16), (4096, 64), (4096, 32), (1024, 64)]
+
+
+def _median_ms(fn, *args, repeats=30):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)) * 1e3
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument('--batch', type=int, default=256)
+  args = parser.parse_args()
+  for grid, channels in [(56, 256), (28, 512), (14, 1280), (7, 2048)]:
+    keys = jax.random.split(jax.random.key(grid), 4)
+    x = jax.random.normal(keys[0], (args.batch, grid, grid, channels), jnp.bfloat16)
+    w = jax.random.normal(keys[1], (3, 3, 1, channels)) * 0.2
+    b = jax.random.normal(keys[2], (channels,))
+    affine = (b * 0.1, 1 + 0.1 * b, 0.1 * jax.random.normal(keys[3], (channels,)))
+    unfused = jax.jit(lambda x, w, b, a=affine: ops.depthwise_conv_bn_gelu(x, w, b, a, impl='xla'))
+    want = unfused(x, w, b)
+    row = {'shape': [grid, grid, channels], 'unfused_ms': _median_ms(unfused, x, w, b)}
+    params = jnp.stack([b, *affine]).astype(jnp.float32)
+    k = w.astype(x.dtype)[:, :, 0, :]
+    for tile_elements, max_pixels in SETTINGS:
+      fused = jax.jit(
+        lambda x, k, p, t=tile_elements, m=max_pixels: depthwise_pallas.depthwise_bn_gelu(
+          x, k, p, tile_elements=t, max_pixels=m
+        )
+      )
+      got = fused(x, k, params)
+      err = float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max())
+      tiles = depthwise_pallas.eval_tiles(grid * grid, channels, tile_elements, max_pixels)
+      row[f'fused_{tiles[0]}x{tiles[1]}_ms'] = _median_ms(fused, x, k, params)
+      row[f'fused_{tiles[0]}x{tiles[1]}_maxerr'] = err
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == '__main__':
+  main()
