@@ -129,36 +129,34 @@ def test_the_pallas_depthwise_probe_runs_while_a_model_is_being_traced():
   jax.jit(lambda y: (depthwise_pallas.run_each_kernel(interpret=True), y)[1])(1.0)
 
 
-def test_fused_eval_conv_matches_the_unfused_ops():
+@pytest.mark.parametrize(
+  'kernel,height,width,channels', [(3, 9, 10, 48), (3, 7, 7, 32), (3, 8, 8, 16), (7, 2, 3, 8)]
+)
+def test_fused_eval_conv_matches_the_unfused_ops(kernel, height, width, channels):
   """depthwise conv + mid_norm (running statistics) + GELU in one Pallas kernel (interpreter)
   against `depthwise_conv` then `batch_norm_eval`: float32 to rounding, gradients through the
-  unfused formula, on grids whose pixel count is odd, a power of two times 7 and 2 x 3 (a 7x7
-  kernel larger than the grid), so every tile height and the row-crossing masks run."""
-  for kernel, height, width, channels in [
-    (3, 9, 10, 48),
-    (3, 7, 7, 32),
-    (3, 8, 8, 16),
-    (7, 2, 3, 8),
-  ]:
-    keys = jax.random.split(jax.random.key(height * width + kernel), 6)
-    x = jax.random.normal(keys[0], (2, height, width, channels))
-    w = jax.random.normal(keys[1], (kernel, kernel, 1, channels)) * 0.3
-    b = jax.random.normal(keys[2], (channels,))
-    affine = (
-      jax.random.normal(keys[3], (channels,)) * 0.3,
-      1 + 0.2 * jax.random.normal(keys[4], (channels,)),
-      0.1 * jax.random.normal(keys[5], (channels,)),
-    )
-    fused = lambda x, w, b: ops.depthwise_conv_bn_gelu(x, w, b, affine, impl='pallas')
-    unfused = lambda x, w, b: ops.batch_norm_eval(
-      ops.depthwise_conv(x, w, b, impl='xla'), *affine, 'gelu'
-    )
-    with jax.default_matmul_precision('highest'):
-      y_fast, g_fast = _value_and_grads(fused, (x, w, b))
-      y_ref, g_ref = _value_and_grads(unfused, (x, w, b))
-    np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=2e-6)
-    for name, a, r in zip(['x', 'kernel', 'bias'], g_fast, g_ref):
-      np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4, err_msg=name)
+  unfused formula, on grids of 90, 49 (odd), 64 and 6 pixels (a 7x7 kernel larger than the
+  grid): tiles of 2, 1, 64 and 2 pixels, and the masks of taps that cross a row's end.
+  """
+  keys = jax.random.split(jax.random.key(height * width + kernel), 6)
+  x = jax.random.normal(keys[0], (2, height, width, channels))
+  w = jax.random.normal(keys[1], (kernel, kernel, 1, channels)) * 0.3
+  b = jax.random.normal(keys[2], (channels,))
+  affine = (
+    jax.random.normal(keys[3], (channels,)) * 0.3,
+    1 + 0.2 * jax.random.normal(keys[4], (channels,)),
+    0.1 * jax.random.normal(keys[5], (channels,)),
+  )
+  fused = lambda x, w, b: ops.depthwise_conv_bn_gelu(x, w, b, affine, impl='pallas')
+  unfused = lambda x, w, b: ops.batch_norm_eval(
+    ops.depthwise_conv(x, w, b, impl='xla'), *affine, 'gelu'
+  )
+  with jax.default_matmul_precision('highest'):
+    y_fast, g_fast = _value_and_grads(fused, (x, w, b))
+    y_ref, g_ref = _value_and_grads(unfused, (x, w, b))
+  np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=2e-6)
+  for name, a, r in zip(['x', 'kernel', 'bias'], g_fast, g_ref):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def test_the_kernels_gelu_is_exact_gelu_to_float32_rounding():
