@@ -13,6 +13,8 @@
 #   bash docs/pending/device_call.sh kernels   # ~8 min: scan sweep, Pallas dw checks, FFN blocks
 #   bash docs/pending/device_call.sh step '{"group": 1}'  # ~9 min: B main vs patched, that setting
 #   bash docs/pending/device_call.sh compile   # ~9 min: B's cold train-step compile, XLA flags
+#   TOTAL=290 bash docs/pending/device_call.sh fused2  # ~5 min: the fused inference conv's
+#                                              # checks and tiles; eval-only B, S, M fused/unfused
 # B's benchmark takes over 140 s from a cold compilation cache on an H100 (2026-12-07: a
 # train-only run was cut at 140 s and the call measured nothing), so every B run here has 180-260
 # s, and no two stages fit one call.

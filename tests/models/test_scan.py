@@ -228,3 +228,25 @@ def test_fused_probe_falls_back_with_one_notice_under_a_trace(caplog):
   assert results == [False]
   notices = [r for r in caplog.records if 'fused Pallas scan is unavailable' in r.getMessage()]
   assert len(notices) == 1
+
+
+def test_fused_scan_lowers_to_triton_for_inference_and_training():
+  # No GPU here: a CUDA cross-lowering runs Pallas's Triton lowering at B's shapes (batch 128,
+  # 4 directions, L = 49, E = 1024). Inference runs one kernel, the forward without its state
+  # checkpoints; training the forward with them and the backward.
+  from vcmamba_jax.models import scan_pallas
+
+  f32 = jnp.float32
+  seq = jax.ShapeDtypeStruct((512, 49, 1024), jnp.bfloat16)
+  tok = jax.ShapeDtypeStruct((512, 49, 16), jnp.bfloat16)
+  args = (seq, seq, jax.ShapeDtypeStruct((1024, 16), f32), tok, tok)
+  args += (jax.ShapeDtypeStruct((1024,), f32),) * 2
+
+  def lowered(fn):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+    # Triton kernels, and whether the [seqs, L / 7, E, N] float32 checkpoints exist.
+    return text.count('custom_call @__gpu$xla.gpu.triton'), 'tensor<512x7x1024x16xf32>' in text
+
+  assert lowered(lambda *a: scan_pallas.selective_scan_fused(*a)) == (1, False)
+  grad = jax.grad(lambda *a: scan_pallas.selective_scan_fused(*a).astype(f32).sum(), (0, 1))
+  assert lowered(grad) == (2, True)

@@ -65,3 +65,15 @@ def test_peak_table():
   assert benchmark.peak_tflops('TPU v5 lite', 'bfloat16') == 197.0
   assert benchmark.peak_tflops('TPU v5p', 'float32') == 459.0
   assert benchmark.peak_tflops('cpu', 'float32') is None
+
+
+def test_an_eval_only_benchmark_compiles_no_train_step(imagenet_dir):
+  # B's train step takes minutes to compile cold on a GPU: an eval-only run must not pay it.
+  from tests.train.smoke import smoke_config
+
+  report = benchmark.benchmark(
+    smoke_config(imagenet_dir), num_steps=1, warmup=1, modes=['eval_synthetic'], peak=1.0
+  )
+  assert set(report['results']) == {'eval_synthetic'}
+  assert report['results']['eval_synthetic']['img_per_sec'] > 0
+  assert 'train_compile_s' not in report and report['eval_compile_s'] > 0

@@ -267,6 +267,12 @@ def run_each_kernel(interpret: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------
 # Inference: the Mlp's depthwise conv with the following BatchNorm (running statistics) and GELU
 # ---------------------------------------------------------------------------------------------
+# Why: in B's eval step the unfused form writes the conv's output and reads it back for mid_norm
+# + GELU (8 of the step's 50 GB moved, deviceless compile for an H100). Fused, the step moves
+# 42.8 GB and peaks 0.43 GiB lower, but this kernel is slower than cuDNN's conv plus XLA's pass
+# at each of B's stage shapes (H200, batch 256, bf16, docs/pending/eval_conv_tiles.py: 1.31 /
+# 0.68 / 0.54 / 0.33 ms against 0.96 / 0.64 / 0.40 / 0.28 ms; 0.63 TB/s at 56x56x256), so it is
+# opt-in (depthwise_impl 'pallas'); every tile shape tried was slower.
 # Phi(z) = 1 - Q(|z|) for z >= 0 and Q(|z|) below, Q(a) = erfc(a / sqrt 2) / 2, with
 # erfc(u) ~ t (c1 + t (c2 + ... + t c5)) exp(-u^2), t = 1 / (1 + p u): Abramowitz & Stegun
 # 7.1.26, |error| < 1.5e-7 on erf. Pallas's Triton lowering has no erf; this needs one exp and

@@ -51,9 +51,10 @@ def _load_step(t, u_ref, delta_ref, b_ref, bias):
   return raw, _softplus(raw), u_ref[t, :].astype(f32), b_ref[t, :].astype(f32)
 
 
-def _fwd_kernel(
-  u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, y_ref, hs_ref, *, length, chunk
-):
+def _fwd_kernel(*refs, length, chunk, write_states):
+  """y, and with `write_states` (for the backward pass) the state after every chunk."""
+  u_ref, delta_ref, a_ref, b_ref, c_ref, d_ref, bias_ref, y_ref = refs[:8]
+  hs_ref = refs[8] if write_states else None
   f32 = jnp.float32
   A = a_ref[...].astype(f32)  # [blk, N]
   D = d_ref[...].astype(f32)
@@ -66,7 +67,8 @@ def _fwd_kernel(
       h = jnp.exp(dt[:, None] * A) * h + (dt * u)[:, None] * b[None, :]
       y = jnp.sum(h * c_ref[t, :].astype(f32)[None, :], axis=1) + D * u
       y_ref[t, :] = y.astype(y_ref.dtype)
-    hs_ref[j, :, :] = h  # state after the chunk: the backward pass restarts from it
+    if hs_ref is not None:
+      hs_ref[j, :, :] = h  # state after the chunk: the backward pass restarts from it
     return h
 
   jax.lax.fori_loop(0, length // chunk, chunk_body, jnp.zeros(A.shape, f32))
@@ -140,7 +142,10 @@ def _specs(length, inner, state, block):
   return seq, tok, mat, vec
 
 
-def _forward(u, delta, A, B, C, D, bias, interpret):
+def _forward(u, delta, A, B, C, D, bias, interpret, write_states=True):
+  """(y, the state checkpoints) or, without `write_states` (inference: nothing differentiates),
+  (y, None): the kernel then does not write the [seqs, L / chunk, E, N] float32 checkpoints
+  (470 MB a Mamba layer for B at batch 256)."""
   from jax.experimental import pallas as pl
 
   seqs, length, inner = u.shape
@@ -148,19 +153,21 @@ def _forward(u, delta, A, B, C, D, bias, interpret):
   block = _block(inner, FWD_BLOCK)
   seq, tok, mat, vec = _specs(length, inner, state, block)
   chunk = _chunk_size(length)
-  checkpoints = pl.BlockSpec((None, length // chunk, block, state), lambda i, j: (i, 0, j, 0))
-  return pl.pallas_call(
-    functools.partial(_fwd_kernel, length=length, chunk=chunk),
-    out_shape=(
-      jax.ShapeDtypeStruct(u.shape, u.dtype),
-      jax.ShapeDtypeStruct((seqs, length // chunk, inner, state), jnp.float32),
-    ),
+  out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype)]
+  out_specs = [seq]
+  if write_states:
+    out_shape.append(jax.ShapeDtypeStruct((seqs, length // chunk, inner, state), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, length // chunk, block, state), lambda i, j: (i, 0, j, 0)))
+  out = pl.pallas_call(
+    functools.partial(_fwd_kernel, length=length, chunk=chunk, write_states=write_states),
+    out_shape=tuple(out_shape),
     grid=(seqs, inner // block),
     in_specs=[seq, seq, mat, tok, tok, vec, vec],
-    out_specs=(seq, checkpoints),
+    out_specs=tuple(out_specs),
     compiler_params=None if interpret else pallas_gpu.compiler_params(4, NUM_STAGES),
     interpret=interpret,
   )(u, delta, A, B, C, D, bias)
+  return out[0], (out[1] if write_states else None)
 
 
 def _backward(u, delta, A, B, C, D, bias, checkpoints, dy, interpret):
@@ -205,7 +212,8 @@ def _backward(u, delta, A, B, C, D, bias, checkpoints, dy, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _fused_scan(u, delta, A, B, C, D, bias, interpret):
-  return _forward(u, delta, A, B, C, D, bias, interpret)[0]
+  # Not differentiated (inference): the forward without its checkpoints.
+  return _forward(u, delta, A, B, C, D, bias, interpret, write_states=False)[0]
 
 
 def _fused_scan_fwd(u, delta, A, B, C, D, bias, interpret):
@@ -265,7 +273,7 @@ def fused_backend_available() -> bool:
 
 
 def probe_fused_kernels() -> bool:
-  """Lowers, compiles and runs the fused forward + backward on tiny inputs; False (with one
+  """Lowers, compiles and runs the fused kernels on tiny inputs; False (with one
   logged line) on any failure. Independent of any trace in progress: it lowers from shapes and
   runs on NumPy inputs."""
 
@@ -274,9 +282,12 @@ def probe_fused_kernels() -> bool:
     u = np.ones((1, 8, 8), f32)
     n = np.ones((1, 8, 16), f32)
     args = (u, u, -np.ones((8, 16), f32), n, n, np.ones((8,), f32), np.zeros((8,), f32))
-    fn = jax.jit(jax.grad(lambda *a: _fused_scan(*a, False).sum(), argnums=(0, 1)))
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
-    jax.block_until_ready(fn.lower(*specs).compile()(*args))
+    for fn in (  # training (both kernels) and inference (the forward without checkpoints)
+      jax.jit(jax.grad(lambda *a: _fused_scan(*a, False).sum(), argnums=(0, 1))),
+      jax.jit(lambda *a: _fused_scan(*a, False)),
+    ):
+      jax.block_until_ready(fn.lower(*specs).compile()(*args))
 
   return pallas_gpu.probe(run, 'fused Pallas scan', "the XLA scan ('associative')")
 
