@@ -22,17 +22,7 @@ import optax
 
 import vcmamba_jax
 from vcmamba_jax.models import scan as scan_lib
-
-
-def _time(fn, *args, repeats: int = 20) -> float:
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
+from vcmamba_jax.train.profiling import median_ms
 
 
 def scan_inputs(key, batch, length, inner, state=16):
@@ -82,8 +72,8 @@ def bench_scans(args) -> list[dict]:
     rows.append(
       {
         'impl': impl_name,
-        'fwd_ms': _time(fwd, *inputs),
-        'fwd_bwd_ms': _time(grad, *inputs),
+        'fwd_ms': median_ms(fwd, *inputs),
+        'fwd_bwd_ms': median_ms(grad, *inputs),
         'rel_err_vs_sequential': err,
       }
     )
@@ -102,7 +92,7 @@ def bench_model(args) -> dict:
   results = {}
   x_eval = jax.random.normal(jax.random.key(1), (args.eval_batch, size, size, 3))
   infer = jax.jit(lambda v, x: model.apply(v, x)[0])
-  ms = _time(infer, variables, x_eval)
+  ms = median_ms(infer, variables, x_eval)
   results['eval_img_s'] = args.eval_batch / ms * 1e3
   results['eval_step_ms'] = ms
 

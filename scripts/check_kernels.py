@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,18 +33,9 @@ import vcmamba_jax
 from vcmamba_jax.models import depthwise_pallas, ops, scan_pallas
 from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.train import state as state_lib
+from vcmamba_jax.train.profiling import median_ms
 
 FAILED: list[str] = []
-
-
-def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
 
 
 def _rel(a, b) -> float:
@@ -83,10 +73,10 @@ def timing(fast_fn, ref_fn, args, repeats, argnums):
   shape = jax.eval_shape(fast_fn, *args).shape
   grad_f, grad_r = _grad_of(fast_fn, argnums, shape), _grad_of(ref_fn, argnums, shape)
   return {
-    'fast_fwd_ms': _time(jax.jit(fast_fn), *args, repeats=repeats),
-    'fast_fwd_bwd_ms': _time(grad_f, *args, repeats=repeats),
-    'ref_fwd_ms': _time(jax.jit(ref_fn), *args, repeats=repeats),
-    'ref_fwd_bwd_ms': _time(grad_r, *args, repeats=repeats),
+    'fast_fwd_ms': median_ms(jax.jit(fast_fn), *args, repeats=repeats),
+    'fast_fwd_bwd_ms': median_ms(grad_f, *args, repeats=repeats),
+    'ref_fwd_ms': median_ms(jax.jit(ref_fn), *args, repeats=repeats),
+    'ref_fwd_bwd_ms': median_ms(grad_r, *args, repeats=repeats),
   }
 
 

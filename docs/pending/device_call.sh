@@ -20,7 +20,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused && "${1:-}" != fused2 ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -207,34 +207,12 @@ case "${1:-}" in
     done
     summary "$OUT"/[smb].log "$OUT"/b_dw_eval.log
     ;;
-  fused)
-    # Inference's fused Mlp conv (3x3 depthwise + mid_norm + GELU in one Pallas kernel, now
-    # 'auto' in inference on GPUs): its GPU checks (float32, bfloat16, every stage's grid), B
-    # (train and eval, main), B's eval on the unfused path (depthwise_impl=xla: cuDNN's conv,
-    # then BatchNorm + GELU), the fused eval step's kernels, then S and M in what time is left.
-    main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
-      --only eval > "$OUT/check_eval.log" 2>&1
-    elapsed check_eval $?
-    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_eval.log" | cut -c1-130
-    bench b main_py "${LIMIT:-150}"
-    bench b_xla main_py 90 --modes=eval_synthetic --config.model.depthwise_impl=xla
-    main_py timeout 90 python3 scripts/profile_step.py ${B_FLAGS%--modes*} --modes=eval --top=40 \
-      --json_out="$OUT/profile_eval.json" > "$OUT/profile_eval.log" 2>&1
-    elapsed profile_eval $?
-    for v in s m; do
-      left=$(( ${TOTAL:-585} - $(date +%s) + start ))
-      if (( left >= 100 )); then
-        B_FLAGS=${B_FLAGS/vcmamba_b.py/vcmamba_$v.py} bench "$v" main_py "$left"
-      fi
-    done
-    summary "$OUT"/[smb].log "$OUT"/b_xla.log
-    ;;
   fused2)
-    # The fused inference conv again, its probe fixed (in `fused` it fell back to 'taps' on the
-    # GPU: 'auto' inference became 'taps' + BatchNorm + GELU in one XLA loop, 17% slower): the
-    # GPU checks (which now FAIL where a kernel is unavailable), the kernel against the unfused
-    # ops at B's four stage shapes for several tiles, then eval-only benchmarks (no train
-    # compile), fused ('auto') and unfused (depthwise_impl=xla): B, S, M.
+    # The fused inference conv (opt-in, depthwise_impl='pallas'; a first run of this, before its
+    # probe was fixed, measured the 'taps' fallback instead): the GPU checks (which FAIL where a
+    # kernel is unavailable), the kernel against the unfused ops at B's four stage shapes for
+    # several tiles, then eval-only benchmarks (no train compile): main ('auto': cuDNN's conv,
+    # then BatchNorm + GELU; the scan's forward without checkpoints) and 'pallas' for B, S, M.
     main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
       --only eval > "$OUT/check_eval.log" 2>&1
     elapsed check_eval $?
@@ -243,19 +221,17 @@ case "${1:-}" in
     elapsed tiles $?
     grep '^{' "$OUT/tiles.log"
     B_FLAGS="$B_FLAGS --modes=eval_synthetic"
-    bench b main_py 80
-    bench b_xla main_py 80 --config.model.depthwise_impl=xla
-    for v in s m; do
-      for impl in auto xla; do
+    for v in b s m; do
+      for impl in auto pallas; do
         left=$(( ${TOTAL:-560} - $(date +%s) + start ))
         if (( left >= 50 )); then
           B_FLAGS=${B_FLAGS/vcmamba_b.py/vcmamba_$v.py} bench "${v}_$impl" main_py \
-            "$(( left < 70 ? left : 70 ))" --config.model.depthwise_impl=$impl
+            "$(( left < 80 ? left : 80 ))" --config.model.depthwise_impl=$impl
         fi
       done
     done
     grep -h 'unavailable' "$OUT"/*.log | cut -c1-200 | sort | uniq -c
-    summary "$OUT"/b*.log "$OUT"/s_*.log "$OUT"/m_*.log
+    summary "$OUT"/[bsm]_*.log
     ;;
   compile)
     # Issue 10 wants B's train step compiled cold in <= 60 s (76 s on an H200, 2026-12-02). Where

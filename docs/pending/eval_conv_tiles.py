@@ -10,25 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vcmamba_jax.models import depthwise_pallas, ops
+from vcmamba_jax.train.profiling import median_ms
 
 SETTINGS = [(2048, 64), (2048, 32), (2048, 16), (4096, 64), (4096, 32), (1024, 64)]
-
-
-def _median_ms(fn, *args, repeats=30):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
 
 
 def main():
@@ -43,7 +32,7 @@ def main():
     affine = (b * 0.1, 1 + 0.1 * b, 0.1 * jax.random.normal(keys[3], (channels,)))
     unfused = jax.jit(lambda x, w, b, a=affine: ops.depthwise_conv_bn_gelu(x, w, b, a, impl='xla'))
     want = unfused(x, w, b)
-    row = {'shape': [grid, grid, channels], 'unfused_ms': _median_ms(unfused, x, w, b)}
+    row = {'shape': [grid, grid, channels], 'unfused_ms': median_ms(unfused, x, w, b)}
     params = jnp.stack([b, *affine]).astype(jnp.float32)
     k = w.astype(x.dtype)[:, :, 0, :]
     for tile_elements, max_pixels in SETTINGS:
@@ -55,7 +44,7 @@ def main():
       got = fused(x, k, params)
       err = float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max())
       tiles = depthwise_pallas.eval_tiles(grid * grid, channels, tile_elements, max_pixels)
-      row[f'fused_{tiles[0]}x{tiles[1]}_ms'] = _median_ms(fused, x, k, params)
+      row[f'fused_{tiles[0]}x{tiles[1]}_ms'] = median_ms(fused, x, k, params)
       row[f'fused_{tiles[0]}x{tiles[1]}_maxerr'] = err
     print(json.dumps(row), flush=True)
 

@@ -9,6 +9,9 @@ the compiled module's text, e.g. `jvp(VCMamba)/stage4/block3/mamba/conv2d/conv_g
 
 XLA wraps kernels in CUDA graphs (command buffers) by default, which hides them from the
 profiler: `scripts/profile_step.py` turns command buffers off for the profiled process.
+
+`median_ms(fn, *args)`: the wall-clock timer of the kernel benchmarks (scripts/check_kernels.py,
+scripts/benchmark_scan.py).
 """
 
 from __future__ import annotations
@@ -18,10 +21,25 @@ import glob
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
+
+
+def median_ms(fn: Callable[..., Any], *args, repeats: int = 20) -> float:
+  """Median milliseconds of `fn(*args)`, blocked on, over `repeats` calls after one untimed
+  call (compilation, autotuning)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)) * 1e3
+
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
