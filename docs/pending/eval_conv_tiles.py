@@ -1,7 +1,8 @@
 """Times inference's fused Mlp conv (`depthwise_pallas.depthwise_bn_gelu`: 3x3 depthwise conv,
 BatchNorm with running statistics and GELU in one kernel) at B's four stage shapes (batch 256,
 bfloat16) for several tile settings, against the unfused ops (cuDNN's conv, then BatchNorm +
-GELU as one XLA pass). One JSON line per shape and setting; run on the GPU machine.
+GELU as one XLA pass). One JSON line per shape, a time per setting (tile, warps, Triton's
+software pipelining of the tile loop); run on the GPU machine.
 
   python3 docs/pending/eval_conv_tiles.py [--batch 256]
 """
@@ -17,7 +18,17 @@ import jax.numpy as jnp
 from vcmamba_jax.models import depthwise_pallas, ops
 from vcmamba_jax.train.profiling import median_ms
 
-SETTINGS = [(2048, 64), (2048, 32), (2048, 16), (4096, 64), (4096, 32), (1024, 64)]
+# (tile_elements, max_pixels, num_warps, num_stages). Session 23 (H200) ran the first six with 4
+# warps and no pipelining: 64x32 tiles were the fastest at 56x56x256, and slower than unfused.
+SETTINGS = [
+  (2048, 64, 4, 1),
+  (2048, 64, 4, 2),
+  (2048, 64, 4, 3),
+  (2048, 64, 8, 3),
+  (4096, 64, 8, 3),
+  (1024, 64, 2, 3),
+  (2048, 16, 4, 3),
+]
 
 
 def main():
@@ -35,17 +46,19 @@ def main():
     row = {'shape': [grid, grid, channels], 'unfused_ms': median_ms(unfused, x, w, b)}
     params = jnp.stack([b, *affine]).astype(jnp.float32)
     k = w.astype(x.dtype)[:, :, 0, :]
-    for tile_elements, max_pixels in SETTINGS:
+    for tile_elements, max_pixels, warps, stages in SETTINGS:
+      launch = dict(
+        tile_elements=tile_elements, max_pixels=max_pixels, num_warps=warps, num_stages=stages
+      )
       fused = jax.jit(
-        lambda x, k, p, t=tile_elements, m=max_pixels: depthwise_pallas.depthwise_bn_gelu(
-          x, k, p, tile_elements=t, max_pixels=m
-        )
+        lambda x, k, p, launch=launch: depthwise_pallas.depthwise_bn_gelu(x, k, p, **launch)
       )
       got = fused(x, k, params)
       err = float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max())
       tiles = depthwise_pallas.eval_tiles(grid * grid, channels, tile_elements, max_pixels)
-      row[f'fused_{tiles[0]}x{tiles[1]}_ms'] = median_ms(fused, x, k, params)
-      row[f'fused_{tiles[0]}x{tiles[1]}_maxerr'] = err
+      name = f'fused_{tiles[0]}x{tiles[1]}_w{warps}_s{stages}'
+      row[f'{name}_ms'] = median_ms(fused, x, k, params)
+      row[f'{name}_maxerr'] = err
     print(json.dumps(row), flush=True)
 
 

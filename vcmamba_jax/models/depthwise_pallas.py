@@ -352,6 +352,8 @@ def depthwise_bn_gelu(
   interpret: bool = False,
   tile_elements: int = 2048,
   max_pixels: int = 64,
+  num_warps: int = 4,
+  num_stages: int = 1,
 ) -> jax.Array:
   """GELU((correlate(x, kernel) + bias - mean) * mul + shift) in one pass (inference).
 
@@ -361,7 +363,8 @@ def depthwise_bn_gelu(
     params: [4, C] float32: the conv's bias, then BatchNorm's running mean, scale * rsqrt(var +
       eps) and bias.
     interpret: run in the Pallas interpreter (any backend; for tests).
-    tile_elements, max_pixels: a program's tile (`eval_tiles`).
+    tile_elements, max_pixels: a program's tile (`eval_tiles`); num_warps, num_stages: Triton's
+      launch parameters (`pallas_gpu.compiler_params`), for sweeps.
   Returns:
     [B, H, W, C] in x's dtype: the conv's output rounded to x's dtype, then BatchNorm and GELU
     in float32, rounded once.
@@ -384,7 +387,7 @@ def depthwise_bn_gelu(
       pl.BlockSpec((4, block), lambda b, c: (0, c)),
     ],
     out_specs=pl.BlockSpec((None, hw, block), lambda b, c: (b, 0, c)),
-    compiler_params=None if interpret else pallas_gpu.compiler_params(4),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(num_warps, num_stages),
     interpret=interpret,
   )(flat, kernel.reshape(ksize * ksize, channels), params.astype(jnp.float32))
   return y.reshape(batch, height, width, channels)
