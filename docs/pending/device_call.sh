@@ -213,10 +213,12 @@ case "${1:-}" in
     # kernel is unavailable), the kernel against the unfused ops at B's four stage shapes for
     # several tiles, then eval-only benchmarks (no train compile): main ('auto': cuDNN's conv,
     # then BatchNorm + GELU; the scan's forward without checkpoints) and 'pallas' for B, S, M.
-    main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
-      --only eval > "$OUT/check_eval.log" 2>&1
-    elapsed check_eval $?
-    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_eval.log" | cut -c1-130
+    for only in scan eval; do  # the fused scan (base-2 exponentials), then the fused conv
+      main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+        --only "$only" > "$OUT/check_$only.log" 2>&1
+      elapsed "check_$only" $?
+      grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_$only.log" | cut -c1-130
+    done
     main_py timeout 80 python3 docs/pending/eval_conv_tiles.py > "$OUT/tiles.log" 2>&1
     elapsed tiles $?
     grep '^{' "$OUT/tiles.log"
