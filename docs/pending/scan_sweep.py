@@ -21,10 +21,10 @@ import jax.numpy as jnp
 
 from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.models import scan_pallas
+from vcmamba_jax.train.profiling import median_ms
 
-# The inputs and the timer of scripts/benchmark_scan.py (a script, not a module: loaded by path).
-_BENCH = runpy.run_path('scripts/benchmark_scan.py')
-_time, scan_inputs = _BENCH['_time'], _BENCH['scan_inputs']
+# The inputs of scripts/benchmark_scan.py (a script, not a module: loaded by path).
+scan_inputs = runpy.run_path('scripts/benchmark_scan.py')['scan_inputs']
 
 
 SETTINGS = [
@@ -66,8 +66,8 @@ def main() -> None:
       out = fwd(*inputs).astype(jnp.float32)
       row = {
         'setting': setting,
-        'fwd_ms': round(_time(fwd, *inputs), 3),
-        'fwd_bwd_ms': round(_time(grad, *inputs), 3),
+        'fwd_ms': round(median_ms(fwd, *inputs), 3),
+        'fwd_bwd_ms': round(median_ms(grad, *inputs), 3),
         'rel_err': float(jnp.abs(out - ref32).max() / jnp.abs(ref32).max()),
         'seconds': round(time.perf_counter() - start, 1),
       }
