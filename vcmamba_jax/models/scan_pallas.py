@@ -115,16 +115,19 @@ def _bwd_kernel(
     j = num_chunks - 1 - r
     # Recompute the chunk's states from the checkpoint before it.
     h_start = jnp.where(j > 0, hs_ref[jnp.maximum(j - 1, 0), :, :], 0.0)
-    states = [h_start]
+    # The chunk's inputs, softplus and decays are kept (registers: the chunk is unrolled) for
+    # the adjoint loop below instead of being loaded and computed again.
+    states, steps = [h_start], []
     for i in range(chunk):
-      _, dt, u, b = _load_step(j * chunk + i, u_ref, delta_ref, b_ref, bias)
-      states.append(jnp.exp2(dt[:, None] * A2) * states[-1] + (dt * u)[:, None] * b[None, :])
+      raw, dt, u, b = _load_step(j * chunk + i, u_ref, delta_ref, b_ref, bias)
+      decay = jnp.exp2(dt[:, None] * A2)
+      steps.append((raw, dt, u, b, decay))
+      states.append(decay * states[-1] + (dt * u)[:, None] * b[None, :])
     for i in reversed(range(chunk)):
       t = j * chunk + i
-      raw, dt, u, b = _load_step(t, u_ref, delta_ref, b_ref, bias)
+      raw, dt, u, b, decay = steps[i]
       c = c_ref[t, :].astype(f32)
       dy = dy_ref[t, :].astype(f32)
-      decay = jnp.exp2(dt[:, None] * A2)
       grad_state = grad_state + dy[:, None] * c[None, :]  # dL/dh_t
       gb = jnp.sum(grad_state * b[None, :], axis=1)
       through_decay = grad_state * states[i] * decay  # dL/da_t * a_t (h_{-1} = 0)
