@@ -45,13 +45,17 @@ def bench_scans(args) -> list[dict]:
   from vcmamba_jax.models import scan_pallas
 
   impls = list(args.impls)
-  for blocks in args.fused_blocks:  # extra fused variants with other channel blocks
+  for blocks in args.fused_blocks:  # extra fused variants with other launch settings
     impls.append(f'fused:{blocks}')
+  names = ('FWD_BLOCK', 'BWD_BLOCK', 'NUM_STAGES', 'FWD_WARPS', 'BWD_WARPS')
+  defaults = {name: getattr(scan_pallas, name) for name in names}
   for impl in impls:
+    for name, value in defaults.items():
+      setattr(scan_pallas, name, value)
     if impl.startswith('fused:'):
-      fwd_block, bwd_block, *stages = (int(b) for b in impl.split(':')[1].split(','))
-      scan_pallas.FWD_BLOCK, scan_pallas.BWD_BLOCK = fwd_block, bwd_block
-      scan_pallas.NUM_STAGES = stages[0] if stages else 1
+      values = [int(b) for b in impl.split(':')[1].split(',')]
+      for name, value in zip(names, values):
+        setattr(scan_pallas, name, value)
       impl_name, impl = impl, 'fused'
     else:
       impl_name = impl
@@ -161,7 +165,8 @@ def main():
     '--fused_blocks',
     nargs='*',
     default=[],
-    help='extra fused-kernel channel blocks (and Triton num_stages) to time, e.g. 32,16 64,32,3',
+    help='extra fused-kernel launch settings to time: fwd_block,bwd_block[,num_stages[,fwd_warps'
+    '[,bwd_warps]]], e.g. 32,16 64,32,3 32,16,1,1,1',
   )
   parser.add_argument('--skip_model', action='store_true')
   parser.add_argument('--json', default=None)

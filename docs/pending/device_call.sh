@@ -219,6 +219,14 @@ case "${1:-}" in
       elapsed "check_$only" $?
       grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_$only.log" | cut -c1-130
     done
+    # The fused scan's launch settings at B's shapes (fwd_block,bwd_block,stages,fwd_warps,
+    # bwd_warps; one warp: fewer instructions and barriers in the PTX, scan_pallas.py says how
+    # many), forward and forward+backward against main's defaults (the first row).
+    main_py timeout 90 python3 scripts/benchmark_scan.py --model vcmamba_b --batch 128 \
+      --impls fused --skip_model --fused_blocks 32,16,1,1,1 64,16,1,4,1 32,32,1,1,4 \
+      16,8,1,1,1 32,16,3,1,1 > "$OUT/scan_launch.log" 2>&1
+    elapsed scan_launch $?
+    grep '^scan' "$OUT/scan_launch.log"
     main_py timeout 80 python3 docs/pending/eval_conv_tiles.py > "$OUT/tiles.log" 2>&1
     elapsed tiles $?
     grep '^{' "$OUT/tiles.log"

@@ -25,6 +25,12 @@ MAX_UNROLLED_LENGTH = 64
 FWD_BLOCK = 64
 BWD_BLOCK = 32
 NUM_STAGES = 1  # Triton's software pipelining of the chunk loop's loads (1: none)
+# Warps per program. With one warp the sums over a block's channels (dB, dC: every token in the
+# backward) need no barrier: deviceless PTX for an H100 at B's shapes, per 7-token chunk and 32
+# channels: BWD_BLOCK 32 / 4 warps 8,052 warp-instructions and 84 barriers a program; 16 / 1
+# warp 5,494 and 14; 8 / 1 6,684 and 14 (not yet timed: `benchmark_scan.py --fused_blocks`).
+FWD_WARPS = 4
+BWD_WARPS = 4
 
 
 def _block(inner: int, preferred: int) -> int:
@@ -178,7 +184,7 @@ def _forward(u, delta, A, B, C, D, bias, interpret, write_states=True):
     grid=(seqs, inner // block),
     in_specs=[seq, seq, mat, tok, tok, vec, vec],
     out_specs=tuple(out_specs),
-    compiler_params=None if interpret else pallas_gpu.compiler_params(4, NUM_STAGES),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(FWD_WARPS, NUM_STAGES),
     interpret=interpret,
   )(u, delta, A, B, C, D, bias)
   return out[0], (out[1] if write_states else None)
@@ -209,7 +215,7 @@ def _backward(u, delta, A, B, C, D, bias, checkpoints, dy, interpret):
     grid=(seqs, blocks),
     in_specs=[seq, seq, mat, tok, tok, vec, vec, checkpoint_spec, seq],
     out_specs=(seq, seq, partial_mat, partial_tok, partial_tok),
-    compiler_params=None if interpret else pallas_gpu.compiler_params(4, NUM_STAGES),
+    compiler_params=None if interpret else pallas_gpu.compiler_params(BWD_WARPS, NUM_STAGES),
     interpret=interpret,
   )(u, delta, A, B, C, D, bias, checkpoints, dy)
   dy32, u32 = dy.astype(f32), u.astype(f32)
