@@ -2,7 +2,7 @@
 
 python docs/pending/run_with_one_pass_bn.py scripts/benchmark.py --config=...
 
-Main's `ops._moments` reads x twice (the mean, then the mean of squared deviations). Here both
+Main's `ops.batch_moments` reads x twice (the mean, then the mean of squared deviations). Here both
 sums come from one pass, shifted by the first row of x so that E[(x-s)^2] - E[x-s]^2 does not
 cancel (s is one sample of each channel, so |mean - s| is of the order of the std): float32 sums
 over ~10^5-10^6 values give the variance to a few ulps relative. The unshifted one-pass moved
@@ -31,7 +31,7 @@ def shifted_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 if __name__ == '__main__':
-  ops._moments = shifted_moments
+  ops.batch_moments = shifted_moments
   script, *rest = sys.argv[1:]
   sys.argv = [script, *rest]
   runpy.run_path(script, run_name='__main__')

@@ -83,7 +83,7 @@ def test_pallas_depthwise_forward_gives_the_moments_batch_norm_would_compute(dty
   np.testing.assert_allclose(
     y.astype(jnp.float32), y_taps.astype(jnp.float32), rtol=1e-6, atol=1e-5
   )
-  ref_mean, ref_var = ops._moments(y)
+  ref_mean, ref_var = ops.batch_moments(y)
   np.testing.assert_allclose(mean, ref_mean, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(var, ref_var, rtol=1e-5)
   assert ops.depthwise_conv_with_moments(x, w, b, impl='taps')[1] is None

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from vcmamba_jax.models import ops
+from vcmamba_jax.models.options import RematMlp
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -252,7 +253,7 @@ class Mlp(nn.Module):
 
   hidden_features: int
   depthwise_impl: ops.DepthwiseImpl = 'auto'
-  remat: str = 'none'
+  remat: RematMlp = 'none'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -296,7 +297,7 @@ class FFNBlock(nn.Module):
   drop_path: float = 0.0
   layer_scale_init: float = 1e-5
   depthwise_impl: ops.DepthwiseImpl = 'auto'
-  remat_mlp: str = 'none'
+  remat_mlp: RematMlp = 'none'
   dtype: Dtype = jnp.float32
 
   @nn.compact

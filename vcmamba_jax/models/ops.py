@@ -198,7 +198,7 @@ def depthwise_conv_bn_gelu(
   check_depthwise_kernel(kernel)
   impl = _resolve_depthwise_impl(impl)
   if impl != 'pallas':
-    return batch_norm_eval(depthwise_conv(x, kernel, bias, impl=impl), *affine, 'gelu')
+    return _depthwise_bn_gelu_unfused(x, kernel, bias, affine, impl)
   interpret = jax.default_backend() != 'gpu'
   return _depthwise_bn_gelu_pallas(x, kernel, bias, tuple(affine), interpret)
 
@@ -226,8 +226,8 @@ def _depthwise_bn_gelu_pallas(x, kernel, bias, affine, interpret):
   return depthwise_pallas.depthwise_bn_gelu(x, k, params, interpret=interpret)
 
 
-def _depthwise_bn_gelu_unfused(x, kernel, bias, affine):
-  return batch_norm_eval(depthwise_conv(x, kernel, bias, impl='taps'), *affine, 'gelu')
+def _depthwise_bn_gelu_unfused(x, kernel, bias, affine, impl='taps'):
+  return batch_norm_eval(depthwise_conv(x, kernel, bias, impl=impl), *affine, 'gelu')
 
 
 def _depthwise_bn_gelu_pallas_fwd(x, kernel, bias, affine, interpret):
@@ -349,13 +349,8 @@ def _activation_grad(z: jax.Array, activation: Activation) -> jax.Array:
 
 
 def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Batch mean and biased variance of x as train-mode BatchNorm computes them (for its
-  ``moments`` argument)."""
-  return _moments(x)
-
-
-def _moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Batch mean and biased variance over all axes but the last, float32, two passes."""
+  """Batch mean and biased variance over all axes but the last, float32, two passes: what
+  train-mode BatchNorm computes (and takes as its ``moments`` argument)."""
   axes = tuple(range(x.ndim - 1))
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, axis=axes)
@@ -397,7 +392,7 @@ def _batch_norm_train(x, scale, bias, epsilon, activation):
 
 
 def _bn_forward(x, scale, bias, epsilon, activation, moments=None):
-  mean, var = _moments(x) if moments is None else moments
+  mean, var = batch_moments(x) if moments is None else moments
   rstd = jax.lax.rsqrt(var + epsilon)
   z = (x.astype(jnp.float32) - mean) * (scale * rstd) + bias
   return activate(z, activation).astype(x.dtype), mean, var, rstd
