@@ -20,7 +20,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -242,6 +242,59 @@ case "${1:-}" in
     done
     grep -h 'unavailable' "$OUT"/*.log | cut -c1-200 | sort | uniq -c
     summary "$OUT"/[bsm]_*.log
+    ;;
+  s24)
+    # Session 24's first call: the fused scan's GPU checks (base-2 exponentials, the backward's
+    # reuse of the recomputed chunk, the forward without checkpoints), its launch settings at B's
+    # shapes (one warp: fewer instructions and barriers in the PTX), B's train and eval steps on
+    # main (drop-path noise in one draw: deviceless, the train step's compile 87.6 -> 67.9 s),
+    # then eval-only M and S, then the taps kernel gradient's formulations, in what time is left.
+    main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only scan > "$OUT/check_scan.log" 2>&1
+    elapsed check_scan $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_scan.log" | cut -c1-130
+    main_py timeout 90 python3 scripts/benchmark_scan.py --model vcmamba_b --batch 128 \
+      --impls fused --skip_model --fused_blocks 32,16,1,1,1 64,16,1,4,1 32,32,1,1,4 \
+      16,8,1,1,1 32,16,3,1,1 > "$OUT/scan_launch.log" 2>&1
+    elapsed scan_launch $?
+    grep '^scan' "$OUT/scan_launch.log"
+    bench b main_py "${LIMIT:-230}"
+    B_FLAGS="$B_FLAGS --modes=eval_synthetic"
+    for v in m s; do
+      left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+      if (( left >= 50 )); then
+        B_FLAGS=${B_FLAGS/vcmamba_b.py/vcmamba_$v.py} bench "${v}_eval" main_py \
+          "$(( left < 80 ? left : 80 ))"
+      fi
+    done
+    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    if (( left >= 60 )); then
+      main_py timeout "$left" python3 docs/pending/ffn_block_variants.py --batch 128 \
+        --variants 0,1,2 --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
+      elapsed blocks $?
+      grep '^{' "$OUT/blocks.log" | cut -c1-400
+    fi
+    summary "$OUT"/[bsm]*.log
+    grep -h 'set up' "$OUT"/b.log | cut -c1-160
+    ;;
+  train2)
+    # After fused2: B's train and eval steps on main (train img/s and the peak on this card), S's
+    # eval step profiled (S with cuDNN's conv once ran at 8,195 img/s on an H200, 18,443 on an
+    # H100), then the scan patch's train step, in what time is left.
+    bench b main_py "${LIMIT:-200}"
+    main_py timeout 90 python3 scripts/profile_step.py \
+      --config=vcmamba_jax/configs/vcmamba_s.py --config.model.dtype=bfloat16 \
+      --config.distillation.type=none --config.eval_batch_size=256 --modes=eval --top=25 \
+      --json_out="$OUT/profile_s_eval.json" > "$OUT/profile_s_eval.log" 2>&1
+    elapsed profile_s_eval $?
+    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    if (( left >= 120 )); then
+      B_FLAGS="$B_FLAGS --modes=train_synthetic"
+      RUN="$ROOT/docs/pending/run_with_kernel_config.py {} scripts/benchmark.py" \
+        bench b_patched patched_py "$left"
+    fi
+    summary "$OUT"/b*.log
+    grep -h 'set up' "$OUT"/b*.log | cut -c1-160
     ;;
   compile)
     # Issue 10 wants B's train step compiled cold in <= 60 s (76 s on an H200, 2026-12-02). Where

@@ -155,8 +155,13 @@ def test_scanned_blocks_keep_the_tree_and_compute_the_same(nano):
   )
 
   def loss_and_stats(m, params):
-    (logits, _), state = m.apply(
-      {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+    # With stochastic depth: both forms take their blocks' rows of the same DropPathNoise draw.
+    (logits, _), state = m.clone(drop_path_rate=0.5).apply(
+      {**variables, 'params': params},
+      x,
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'drop_path': jax.random.key(4)},
     )
     return jnp.sum(logits**2), state['batch_stats']
 
@@ -230,6 +235,40 @@ def test_stochastic_depth_with_an_array_rate_drops_whole_samples():
   assert depth.apply({}, x, jnp.float32(0.25), False) is x
   y0 = depth.apply({}, x, jnp.float32(0.0), True, rngs={'drop_path': jax.random.key(1)})
   np.testing.assert_array_equal(y0, x)
+
+
+def test_drop_path_noise_keeps_samples_below_one_minus_rate():
+  x = jnp.ones((4, 2, 2, 3), jnp.bfloat16)
+  noise = jnp.array([0.1, 0.74, 0.76, 0.99])
+  for rate in (0.25, jnp.float32(0.25)):  # a field's float, a scanned block's array
+    y = np.asarray(layers.drop_path(rate, x, True, noise), np.float32)
+    expected = np.float32(x[0, 0, 0, 0] / 0.75) * np.array([1, 1, 0, 0], np.float32)
+    np.testing.assert_array_equal(y[:, 0, 0, 0], expected)
+    assert layers.drop_path(rate, x, False, noise) is x
+  assert layers.drop_path(0.0, x, True, noise) is x
+
+
+def test_drop_path_noise_gives_every_site_its_own_row(nano):
+  # nano's last stage: 1 FFN block, then 2 Mamba layers (mixer and Mlp each): 5 sites. Raising
+  # one row of the noise above 1 - rate drops that site's branch (for one sample; the others
+  # see it through the batch statistics): every row changes the output, so with as many rows as
+  # sites, each site reads its own.
+  _, variables = nano
+  stage = vcmamba_jax.models.vcmamba.Stage(
+    depth=3, num_mamba_layers=2, drop_path_rates=(0.5, 0.5, 0.5), pos_embed_grid=2
+  )
+  stage_vars = {k: v['stage4'] for k, v in variables.items()}
+  x = jax.random.normal(jax.random.key(5), (2, 2, 2, 64))
+
+  @jax.jit
+  def run(noise):
+    return stage.apply(stage_vars, x, True, noise, mutable=['batch_stats'])[0]
+
+  keep_all = run(jnp.zeros((5, 2)))
+  for site in range(5):
+    y = run(jnp.zeros((5, 2)).at[site, 1].set(0.99))
+    # (the FFN block's branch is small: its layer_scale starts at 1e-5)
+    assert float(jnp.max(jnp.abs(y[1] - keep_all[1]))) > 1e-5, site
 
 
 def test_weight_decay_mask_follows_upstream(nano):

@@ -134,11 +134,14 @@ class PlainMambaLayer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, drop_noise: jax.Array | None = None) -> jax.Array:
+    """``drop_noise``: [2, batch], the rows of the model's `DropPathNoise` for the two
+    residual branches (mixer, Mlp)."""
+    noise = (None, None) if drop_noise is None else (drop_noise[0], drop_noise[1])
     features = x.shape[-1]
     y = BatchNorm(dtype=self.dtype, name='norm')(x, train)
     y = PlainMamba2D(options=self.options, dtype=self.dtype, name='mamba')(y, train)
-    x = x + drop_path(self.drop_path, y, train)
+    x = x + drop_path(self.drop_path, y, train, noise[0])
     y = BatchNorm(dtype=self.dtype, name='norm2')(x, train)
     y = Mlp(
       int(features * self.mlp_ratio),
@@ -146,4 +149,4 @@ class PlainMambaLayer(nn.Module):
       dtype=self.dtype,
       name='mlp',
     )(y, train)
-    return x + drop_path(self.drop_path, y, train)
+    return x + drop_path(self.drop_path, y, train, noise[1])

@@ -17,6 +17,7 @@ import numpy as np
 from vcmamba_jax.models import scan as scan_lib
 from vcmamba_jax.models.layers import (
   Downsample,
+  DropPathNoise,
   Dtype,
   FFNBlock,
   Stem,
@@ -121,11 +122,15 @@ class _ScannedFFNBlock(nn.Module):
   dtype: Dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array, rate: jax.Array, train: bool) -> tuple[jax.Array, None]:
+  def __call__(
+    self, x: jax.Array, rate: jax.Array, noise: jax.Array | None, train: bool
+  ) -> tuple[jax.Array, None]:
     block = FFNBlock(
       depthwise_impl=self.depthwise_impl, remat_mlp=self.remat_mlp, dtype=self.dtype, name='block'
     )
-    return block(x, train, drop_path_rate=rate if self.stochastic_depth else None), None
+    if not self.stochastic_depth:
+      return block(x, train), None
+    return block(x, train, drop_path_rate=rate, drop_noise=noise), None
 
 
 def _stack_blocks(num_ffn: int, variables: dict[str, Any]) -> dict[str, Any]:
@@ -154,9 +159,16 @@ def _unstack_blocks(num_ffn: int, variables: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def drop_path_sites(depth: int, num_mamba_layers: int) -> int:
+  """Drop-path sites of a stage: one per FFN block, two per Mamba layer (mixer and Mlp)."""
+  return depth + num_mamba_layers
+
+
 class Stage(nn.Module):
   """A stage of FFN blocks; in the last stage, the final ``num_mamba_layers`` blocks are Mamba
-  layers preceded by the absolute position embedding."""
+  layers preceded by the absolute position embedding. ``drop_noise`` (training with stochastic
+  depth): [drop_path_sites, batch], the stage's rows of the model's `DropPathNoise`, in block
+  order."""
 
   depth: int
   num_mamba_layers: int
@@ -166,15 +178,22 @@ class Stage(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, drop_noise: jax.Array | None = None) -> jax.Array:
     num_ffn = self.depth - self.num_mamba_layers
+
+    def noise(start: int, stop: int | None = None) -> jax.Array | None:
+      """Row ``start`` of drop_noise, or rows start:stop; None without it."""
+      if drop_noise is None:
+        return None
+      return drop_noise[start] if stop is None else drop_noise[start:stop]
+
     if _scans_blocks(self.options, num_ffn):
       rates = self.drop_path_rates[:num_ffn]
       scanned = nn.scan(
         _ScannedFFNBlock,
         variable_axes={'params': 0, 'batch_stats': 0},
         split_rngs={'params': True, 'drop_path': True},
-        in_axes=(0, nn.broadcast),
+        in_axes=(0, 0, nn.broadcast),
         length=num_ffn,
       )
       x, _ = scanned(
@@ -183,7 +202,7 @@ class Stage(nn.Module):
         remat_mlp=self.options.remat_mlp,
         dtype=self.dtype,
         name=_SCANNED,
-      )(x, jnp.asarray(rates, jnp.float32), train)
+      )(x, jnp.asarray(rates, jnp.float32), noise(0, num_ffn), train)
     else:
       for j in range(num_ffn):
         x = FFNBlock(
@@ -192,19 +211,20 @@ class Stage(nn.Module):
           remat_mlp=self.options.remat_mlp,
           dtype=self.dtype,
           name=f'block{j}',
-        )(x, train)
+        )(x, train, drop_noise=noise(j))
     if self.num_mamba_layers:
       grid = self.pos_embed_grid
       pos_embed = self.param('pos_embed', normal_init, (1, grid, grid, x.shape[-1]), jnp.float32)
       pos_embed = resize_pos_embed(pos_embed, x.shape[1:3])
       x = (x + pos_embed).astype(self.dtype)
     for j in range(num_ffn, self.depth):
+      site = num_ffn + 2 * (j - num_ffn)
       x = PlainMambaLayer(
         drop_path=self.drop_path_rates[j],
         options=self.options,
         dtype=self.dtype,
         name=f'block{j}',
-      )(x, train)
+      )(x, train, drop_noise=noise(site, site + 2))
     return x
 
 
@@ -244,6 +264,11 @@ def hierarchy(
   ``pos_embed_grid`` close the last stage."""
   total_blocks = sum(depths)
   rates = [drop_path_rate * k / max(total_blocks - 1, 1) for k in range(total_blocks)]
+  mamba = [num_mamba_layers if s == len(depths) else 0 for s in range(1, len(depths) + 1)]
+  sites = [drop_path_sites(depth, m) for depth, m in zip(depths, mamba)]
+  noise = None
+  if train and drop_path_rate > 0:  # every site's draw at once (DropPathNoise says why)
+    noise = DropPathNoise(sum(sites), name='drop_path_noise')(images.shape[0])
   x = images.astype(dtype)
   stem = Stem(widths[0], activation=stem_activation, dtype=dtype, name='stem')(x, train)
   x, features, first = stem, [], 0
@@ -259,7 +284,7 @@ def hierarchy(
       options=options,
       dtype=dtype,
       name=f'stage{s}',
-    )(x, train)
+    )(x, train, None if noise is None else noise[sum(sites[: s - 1]) : sum(sites[:s])])
     first += depth
     features.append(x)
   return stem, features
