@@ -82,6 +82,18 @@ def test_cutmix_lambda_equals_the_pasted_area_and_mixup_blends():
   assert np.std(kinds['mixup']) > 0.2  # a spread-out Beta, not a constant
 
 
+def test_symmetric_betas_have_the_beta_mean_and_variance():
+  # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)); Beta(1, 1) is uniform (variance 1/12).
+  draws = jax.jit(jax.vmap(lambda k: vd.symmetric_betas(k, [0.8, 1.0, 5.0])))(
+    jax.random.split(jax.random.key(0), 20000)
+  )
+  draws = np.asarray(draws)
+  assert draws.shape == (20000, 3) and (draws > 0).all() and (draws < 1).all()
+  np.testing.assert_allclose(draws.mean(0), 0.5, atol=0.01)
+  np.testing.assert_allclose(draws.var(0), [1 / 10.4, 1 / 12, 1 / 44], rtol=0.05)
+  assert abs(np.corrcoef(draws[:, 0], draws[:, 1])[0, 1]) < 0.03  # independent
+
+
 def test_mixup_disabled_returns_smoothed_one_hot():
   images = _distinct_images(4)
   out, targets = vd.mixup_cutmix(

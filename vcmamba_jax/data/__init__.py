@@ -25,6 +25,7 @@ _EXPORTS = {
   'normalize': 'device_ops',
   'one_hot_smoothed': 'device_ops',
   'random_erasing': 'device_ops',
+  'symmetric_betas': 'device_ops',
   'BOOKKEEPING_KEYS': 'pipeline',
   'create_eval_dataset': 'pipeline',
   'create_train_dataset': 'pipeline',

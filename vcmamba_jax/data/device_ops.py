@@ -106,6 +106,15 @@ def random_erasing(
   return jnp.where(erase[..., None], fill, images)
 
 
+def symmetric_betas(rng: jax.Array, alphas: list[float]) -> jax.Array:
+  """One Beta(a, a) draw per a in ``alphas`` [n], as g0 / (g0 + g1) of Gamma(a) draws taken in
+  log space (`jax.random.beta`'s method) but from one `loggamma` call: its rejection sampler is
+  a while loop, one loop over all 2n draws instead of 2n loops (`mixup_cutmix` for B's batch,
+  compiled for an H100 deviceless: 28 -> 17 kernels, 4.6 -> 4.1 s)."""
+  log_gammas = jax.random.loggamma(rng, jnp.repeat(jnp.asarray(alphas, jnp.float32), 2))
+  return jax.nn.softmax(log_gammas.reshape(len(alphas), 2), axis=-1)[:, 0]
+
+
 def mixup_cutmix(
   rng: jax.Array,
   images: jax.Array,
@@ -145,8 +154,10 @@ def mixup_cutmix(
     use_cutmix = jax.random.uniform(keys[1]) < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mixup = jax.random.beta(keys[2], mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
-  lam_cutmix = jax.random.beta(keys[3], cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
+  alphas = [a for a in (mixup_alpha, cutmix_alpha) if a > 0]
+  lams = iter(symmetric_betas(keys[2], alphas))
+  lam_mixup = next(lams) if mixup_alpha > 0 else 1.0
+  lam_cutmix = next(lams) if cutmix_alpha > 0 else 1.0
   lam = jnp.where(mixing, jnp.where(use_cutmix, lam_cutmix, lam_mixup), 1.0).astype(jnp.float32)
   cutting = mixing & use_cutmix
 
