@@ -247,7 +247,8 @@ case "${1:-}" in
     # Session 24's first call: the fused scan's GPU checks (base-2 exponentials, the backward's
     # reuse of the recomputed chunk, the forward without checkpoints), its launch settings at B's
     # shapes (one warp: fewer instructions and barriers in the PTX), B's train and eval steps on
-    # main (drop-path noise in one draw: deviceless, the train step's compile 87.6 -> 67.9 s),
+    # main (drop-path noise in one draw, one Beta loop: deviceless, the train step compiles in
+    # 54-64 s against 83-88 s at 980b88e),
     # then eval-only M and S, then the taps kernel gradient's formulations, in what time is left.
     main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
       --only scan > "$OUT/check_scan.log" 2>&1
