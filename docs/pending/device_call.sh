@@ -244,22 +244,25 @@ case "${1:-}" in
     summary "$OUT"/[bsm]_*.log
     ;;
   s24)
-    # Session 24's first call: the fused scan's GPU checks (base-2 exponentials, the backward's
-    # reuse of the recomputed chunk, the forward without checkpoints), its launch settings at B's
-    # shapes (one warp: fewer instructions and barriers in the PTX), B's train and eval steps on
-    # main (drop-path noise in one draw, one Beta loop: deviceless, the train step compiles in
-    # 54-64 s against 83-88 s at 980b88e),
-    # then eval-only M and S, then the taps kernel gradient's formulations, in what time is left.
+    # Session 24: the fused scan's GPU checks (base-2 exponentials, the backward's reuse of the
+    # recomputed chunk, the forward without checkpoints), B's train and eval steps on main
+    # (drop-path noise in one draw, one Beta loop: deviceless, the train step compiles in 52-64 s
+    # against 83-88 s at 980b88e), then in what time is left the scan's launch settings at B's
+    # shapes (one warp: fewer instructions and barriers in the PTX), eval-only M and S, and the
+    # taps kernel gradient's formulations.
     main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
       --only scan > "$OUT/check_scan.log" 2>&1
     elapsed check_scan $?
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_scan.log" | cut -c1-130
-    main_py timeout 90 python3 scripts/benchmark_scan.py --model vcmamba_b --batch 128 \
-      --impls fused --skip_model --fused_blocks 32,16,1,1,1 64,16,1,4,1 32,32,1,1,4 \
-      16,8,1,1,1 32,16,3,1,1 > "$OUT/scan_launch.log" 2>&1
-    elapsed scan_launch $?
-    grep '^scan' "$OUT/scan_launch.log"
     bench b main_py "${LIMIT:-230}"
+    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    if (( left >= 45 )); then
+      main_py timeout "$(( left < 90 ? left : 90 ))" python3 scripts/benchmark_scan.py \
+        --model vcmamba_b --batch 128 --impls fused --skip_model --fused_blocks 32,16,1,1,1 64,16,1,4,1 32,32,1,1,4 \
+        16,8,1,1,1 32,16,3,1,1 > "$OUT/scan_launch.log" 2>&1
+      elapsed scan_launch $?
+      grep '^scan' "$OUT/scan_launch.log"
+    fi
     B_FLAGS="$B_FLAGS --modes=eval_synthetic"
     for v in m s; do
       left=$(( ${TOTAL:-575} - $(date +%s) + start ))
