@@ -20,7 +20,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 && "${1:-}" != lean ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -280,6 +280,25 @@ case "${1:-}" in
     fi
     summary "$OUT"/[bsm]*.log
     grep -h 'set up' "$OUT"/b.log | cut -c1-160
+    ;;
+  lean)
+    # For a call with ~4 minutes: the fused scan's GPU checks, B's eval step (eval only: no train
+    # compile), then the scan's launch settings, in what time is left.
+    main_py timeout 90 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only scan > "$OUT/check_scan.log" 2>&1
+    elapsed check_scan $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_scan.log" | cut -c1-130
+    B_FLAGS="$B_FLAGS --modes=eval_synthetic"
+    bench b_eval main_py 75
+    left=$(( ${TOTAL:-200} - $(date +%s) + start ))
+    if (( left >= 30 )); then
+      main_py timeout "$left" python3 scripts/benchmark_scan.py --model vcmamba_b --batch 128 \
+        --impls fused --skip_model --fused_blocks 32,16,1,1,1 64,16,1,4,1 16,8,1,1,1 \
+        > "$OUT/scan_launch.log" 2>&1
+      elapsed scan_launch $?
+      grep '^scan' "$OUT/scan_launch.log"
+    fi
+    summary "$OUT"/b_eval.log
     ;;
   train2)
     # After fused2: B's train and eval steps on main (train img/s and the peak on this card), S's
