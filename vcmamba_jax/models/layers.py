@@ -222,7 +222,7 @@ def drop_path(
   if noise is not None:
     if not train or (isinstance(rate, (int, float)) and rate == 0.0):
       return x
-    keep = 1.0 - rate if isinstance(rate, (int, float)) else 1.0 - rate.astype(jnp.float32)
+    keep = 1.0 - rate if isinstance(rate, (int, float)) else 1.0 - jnp.asarray(rate, jnp.float32)
     mask = (noise < keep).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
     scale = keep if isinstance(keep, float) else keep.astype(x.dtype)  # as nn.Dropout rounds it
     return jnp.where(mask, x / scale, jnp.zeros((), x.dtype))
@@ -248,17 +248,15 @@ class DropPathNoise(nn.Module):
 
 
 class StochasticDepth(nn.Module):
-  """`drop_path` for a rate that is an array: nn.Dropout's draw and scaling (a sample is kept
-  with prob 1 - rate and divided by it), which nn.Dropout cannot do with a traced rate."""
+  """`drop_path` for a rate that is an array, drawing its own noise: nn.Dropout's draw (the
+  bits of `jax.random.bernoulli`) and scaling, which nn.Dropout cannot do with a traced rate."""
 
   @nn.compact
   def __call__(self, x: jax.Array, rate: jax.Array, train: bool) -> jax.Array:
     if not train:
       return x
-    keep = 1.0 - jnp.asarray(rate, jnp.float32)
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng('drop_path'), keep, shape)
-    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+    noise = jax.random.uniform(self.make_rng('drop_path'), (x.shape[0],), jnp.float32)
+    return drop_path(rate, x, train, noise)
 
 
 # What the conv Mlp keeps for its backward pass under `FFNBlock(remat_mlp != 'none')`.
