@@ -20,7 +20,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 && "${1:-}" != lean ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 && "${1:-}" != s25 && "${1:-}" != lean ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -280,6 +280,35 @@ case "${1:-}" in
     fi
     summary "$OUT"/[bsm]*.log
     grep -h 'set up' "$OUT"/b.log | cut -c1-160
+    ;;
+  s25)
+    # Session 25: the fused scan's GPU checks, B's train and eval steps on the working tree (the
+    # taps kernel and bias gradients as one stacked reduction: deviceless 131.0 -> 115.5 GB moved),
+    # B's train step on .devtree/base (the last commit before it) on the same machine, then the
+    # scan's launch settings and the FFN-block variants in what time is left.
+    main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only scan > "$OUT/check_scan.log" 2>&1
+    elapsed check_scan $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_scan.log" | cut -c1-130
+    bench b main_py "${LIMIT:-200}"
+    bench b_base base_py "${LIMIT:-200}" --modes=train_synthetic
+    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    if (( left >= 45 )); then
+      main_py timeout "$(( left < 90 ? left : 90 ))" python3 scripts/benchmark_scan.py \
+        --model vcmamba_b --batch 128 --impls fused --skip_model --fused_blocks 32,16,1,1,1 64,16,1,4,1 32,32,1,1,4 \
+        16,8,1,1,1 32,16,3,1,1 > "$OUT/scan_launch.log" 2>&1
+      elapsed scan_launch $?
+      grep '^scan' "$OUT/scan_launch.log"
+    fi
+    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    if (( left >= 60 )); then
+      main_py timeout "$left" python3 docs/pending/ffn_block_variants.py --batch 128 \
+        --variants 0,1,2 --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
+      elapsed blocks $?
+      grep '^{' "$OUT/blocks.log" | cut -c1-400
+    fi
+    summary "$OUT"/[bsm]*.log
+    grep -h 'set up' "$OUT"/b*.log | cut -c1-160
     ;;
   lean)
     # For a call with ~4 minutes: the fused scan's GPU checks, B's eval step (eval only: no train
