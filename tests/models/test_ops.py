@@ -69,6 +69,17 @@ def test_pallas_depthwise_kernels_lower_to_triton_at_the_b_shapes(kernel, grid, 
     assert text.count('custom_call @__gpu$xla.gpu.triton') == 1
 
 
+def test_batch_moments_one_pass_keeps_the_variance_where_the_mean_dwarfs_it():
+  """One pass, yet a two-pass variance: channels with |mean| / std of 0, 1e2 and 1e4 (an
+  unshifted E[x^2] - E[x]^2 in float32 returns noise for the last two)."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 9, 11, 3)) * np.array([1.0, 0.5, 2.0]) + np.array([0.0, 50.0, 2e4])
+  mean, var = jax.jit(ops.batch_moments)(jnp.asarray(x, jnp.float32))
+  x32 = x.astype(np.float32).astype(np.float64)  # the values the op sees
+  np.testing.assert_allclose(mean, x32.mean(axis=(0, 1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(var, x32.var(axis=(0, 1, 2)), rtol=2e-4)
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_pallas_depthwise_forward_gives_the_moments_batch_norm_would_compute(dtype):
   # W = 10 pads to 16 columns: the padding must not enter the statistics.

@@ -363,13 +363,21 @@ def _activation_grad(z: jax.Array, activation: Activation) -> jax.Array:
 
 
 def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Batch mean and biased variance over all axes but the last, float32, two passes: what
-  train-mode BatchNorm computes (and takes as its ``moments`` argument)."""
+  """Batch mean and biased variance over all axes but the last, float32: what train-mode
+  BatchNorm computes (and takes as its ``moments`` argument).
+
+  One pass over x: the sums of d and d^2 for d = x - s, where s is x's first sample of each
+  channel, so |mean - s| is of the order of the standard deviation and E[d^2] - E[d]^2 does not
+  cancel (an unshifted E[x^2] - E[x]^2 loses every digit where |mean| >> std). Stacked into one
+  reduction, XLA reads x once instead of twice (mean, then squared deviations): deviceless for
+  an H100, B's train step at batch 128 moves ~5 GB less of ~103 GB.
+  """
   axes = tuple(range(x.ndim - 1))
   xf = x.astype(jnp.float32)
-  mean = jnp.mean(xf, axis=axes)
-  var = jnp.mean(jnp.square(xf - mean), axis=axes)
-  return mean, var
+  shift = jax.lax.stop_gradient(xf[(0,) * len(axes)])
+  d = xf - shift
+  m1, m2 = jnp.mean(jnp.stack([d, jnp.square(d)]), axis=tuple(a + 1 for a in axes))
+  return shift + m1, jnp.maximum(m2 - jnp.square(m1), 0.0)
 
 
 def batch_norm_train(
