@@ -283,7 +283,8 @@ case "${1:-}" in
     ;;
   s25)
     # Session 25: the fused scan's GPU checks, B's train and eval steps on the working tree (the
-    # taps kernel and bias gradients as one stacked reduction: deviceless 131.0 -> 115.5 GB moved),
+    # taps kernel and bias gradients as one reduction, the conv's dx and y rounded behind barriers,
+    # one-pass BatchNorm moments, fc1's bias after its matmul: deviceless 131.0 -> 95.4 GB moved),
     # B's train step on .devtree/base (the last commit before it) on the same machine, then the
     # scan's launch settings and the FFN-block variants in what time is left.
     main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
