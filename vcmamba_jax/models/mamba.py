@@ -109,7 +109,8 @@ class PlainMamba2D(nn.Module):
     y = scan_fn(u, delta_k, A, b_k, c_k, d_skip, delta_bias, impl=opts.scan_impl)
     self.sow('intermediates', 'scan_out', y)
     # Back to raster order and sum over directions: Y[p] = sum_k y[k, inverse[k, p]].
-    y = scan_lib.zigzag_merge(y, height, width).reshape(batch, height * width, inner)
+    y = scan_lib.zigzag_merge(y, height, width, materialize=not train)
+    y = y.reshape(batch, height * width, inner)
 
     y = layer_norm(self.dtype, name='norm')(y)
     y = jax.nn.relu(y).reshape(batch, height, width, inner)
