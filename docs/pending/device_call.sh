@@ -20,7 +20,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 && "${1:-}" != s25 && "${1:-}" != lean ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 && "${1:-}" != s25 && "${1:-}" != s25b && "${1:-}" != s25c && "${1:-}" != lean ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -310,6 +310,20 @@ case "${1:-}" in
     fi
     summary "$OUT"/[bsm]*.log
     grep -h 'set up' "$OUT"/b*.log | cut -c1-160
+    ;;
+  s25b)
+    # Session 25, second call: B's train step on the working tree and on .devtree/p (the same with
+    # the taps kernel gradient as separate sums again and the scan at 32/16 channels, one warp,
+    # 3 stages: fastest in s25's launch sweep), then .devtree/p's eval step.
+    bench b main_py "${LIMIT:-150}" --modes=train_synthetic
+    bench b_p patched_py "${LIMIT:-150}"
+    summary "$OUT"/b*.log
+    ;;
+  s25c)
+    # Session 25, third call: B's train step on .devtree/base (the working tree with s25b's scan
+    # launch settings, the kernel gradient stacked) against s25b's .devtree/p.
+    bench b_s base_py "${LIMIT:-150}" --modes=train_synthetic
+    summary "$OUT"/b*.log
     ;;
   lean)
     # For a call with ~4 minutes: the fused scan's GPU checks, B's eval step (eval only: no train

@@ -118,24 +118,21 @@ def _depthwise_taps_bwd(residuals, g):
   dx = jax.lax.optimization_barrier(_taps_correlate(g.astype(x.dtype), kernel[::-1, ::-1]))
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   g32 = g.astype(jnp.float32)
-  # dkernel[t, c] = sum_{b,h,w} shift_t(pad(x)) * g and dbias[c] = sum g, as ONE reduction over
-  # the stacked [K*K + 1, B, H, W, C] products (never materialised: XLA fuses the stack into the
-  # reduction, which reads x and g once). Written as K*K + 1 separate sums, XLA split them into
-  # 5-6 reduction kernels that each read x and g again (deviceless for an H100, B's stage-1 block
-  # at batch 128: 2.48 GB moved -> 0.83 GB). The bias gradient is summed in float32 (autodiff of
-  # a bfloat16 bias add sums in bfloat16: 8% off at 28x28x256, batch 2).
-  sums = jnp.sum(
-    jnp.stack(
-      [
-        _shifted(xp, di, dj, height, width).astype(jnp.float32) * g32
-        for di in range(k)
-        for dj in range(k)
-      ]
-      + [g32]
-    ),
-    axis=(1, 2, 3),
-  )
-  dkernel, dbias = sums[:-1].reshape(kernel.shape), sums[-1]
+  # dkernel[t, c] = sum_{b,h,w} shift_t(pad(x)) * g: K*K sibling reductions over the same two
+  # operands, which XLA splits into 5-6 reduction kernels (each reads x and g). One reduction
+  # over the stacked [K*K + 1, ...] products reads them once (deviceless, B's stage-1 block:
+  # 2.48 -> 0.83 GB moved) but ran slower on an H100 (B's train step 81.7 -> 84.3 ms,
+  # 2026-12-07): its single kernel computes ten products per element.
+  dkernel = jnp.stack(
+    [
+      jnp.sum(_shifted(xp, di, dj, height, width).astype(jnp.float32) * g32, axis=(0, 1, 2))
+      for di in range(k)
+      for dj in range(k)
+    ]
+  ).reshape(kernel.shape)
+  # The bias gradient summed in float32 (autodiff of a bfloat16 bias add sums in bfloat16: 8%
+  # off at 28x28x256, batch 2), a sibling of the reductions above.
+  dbias = jnp.sum(g32, axis=(0, 1, 2))
   return dx, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype)
 
 

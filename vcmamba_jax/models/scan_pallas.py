@@ -22,15 +22,19 @@ import numpy as np
 from vcmamba_jax.models import pallas_gpu
 
 MAX_UNROLLED_LENGTH = 64
-FWD_BLOCK = 64
-BWD_BLOCK = 32
-NUM_STAGES = 1  # Triton's software pipelining of the chunk loop's loads (1: none)
-# Warps per program. With one warp the sums over a block's channels (dB, dC: every token in the
-# backward) need no barrier: deviceless PTX for an H100 at B's shapes, per 7-token chunk and 32
-# channels: BWD_BLOCK 32 / 4 warps 8,052 warp-instructions and 84 barriers a program; 16 / 1
-# warp 5,494 and 14; 8 / 1 6,684 and 14 (not yet timed: `benchmark_scan.py --fused_blocks`).
-FWD_WARPS = 4
-BWD_WARPS = 4
+# Launch settings: channels and warps per program, Triton's software pipelining of the chunk
+# loop's loads. One warp per program: the sums over a block's channels (dB, dC: every token in
+# the backward) need no barrier (deviceless PTX at B's shapes, backward: 8,052 warp-instructions
+# and 84 barriers a chunk per 32 channels with 32 channels / 4 warps, 5,494 and 14 with 16 / 1).
+# Measured on an H100 (2026-12-07, `benchmark_scan.py --fused_blocks`, fwd / fwd+bwd ms): B at
+# batch 128, 64/32 channels, 4 warps, 1 stage 0.70 / 3.78; 32/16, 1 warp, 3 stages 0.56 / 3.10;
+# S at batch 256 0.95 / 4.51 -> 0.63 / 3.64; M 1.35 / 6.65 -> 1.10 / 5.85. B's train step
+# 87.3 -> 84.3 ms.
+FWD_BLOCK = 32
+BWD_BLOCK = 16
+NUM_STAGES = 3
+FWD_WARPS = 1
+BWD_WARPS = 1
 
 
 def _block(inner: int, preferred: int) -> int:
