@@ -393,8 +393,9 @@ def batch_norm_train(
     epsilon: added to the variance.
     activation: 'none' | 'relu' | 'gelu' (exact erf GELU), applied after the affine.
     moments: x's batch mean and biased variance [C] float32 where the producer of x computed
-      them in its own pass (``depthwise_conv_with_moments``), else None (computed here, two
-      passes). Given moments must be those of x: the VJP differentiates through them as such.
+      them in its own pass (``depthwise_conv_with_moments``), else None (computed here by
+      ``batch_moments``, one pass). Given moments must be those of x: the VJP differentiates
+      through them as such.
   Returns:
     (y in x's dtype, batch mean [C], biased batch variance [C]); mean/var float32.
   """
