@@ -59,6 +59,32 @@ bench() {
   elapsed "$name" $?
 }
 
+# check_scan LIMIT: the fused scan's GPU checks against the sequential scan (check_scan.log).
+check_scan() {
+  main_py timeout "$1" python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+    --only scan > "$OUT/check_scan.log" 2>&1
+  elapsed check_scan $?
+  grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_scan.log" | cut -c1-130
+}
+# left_s TOTAL_DEFAULT: seconds left of this call's TOTAL.
+left_s() { echo $(( ${TOTAL:-$1} - $(date +%s) + start )); }
+# scan_launch SECONDS SETTING...: B's fused scan at each launch setting (scan_launch.log).
+scan_launch() {
+  local limit=$1
+  shift
+  main_py timeout "$limit" python3 scripts/benchmark_scan.py --model vcmamba_b --batch 128 \
+    --impls fused --skip_model --fused_blocks "$@" > "$OUT/scan_launch.log" 2>&1
+  elapsed scan_launch $?
+  grep '^scan' "$OUT/scan_launch.log"
+}
+# ffn_variants SECONDS: the taps kernel gradient's formulations 0-2 (blocks.json).
+ffn_variants() {
+  main_py timeout "$1" python3 docs/pending/ffn_block_variants.py --batch 128 \
+    --variants 0,1,2 --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
+  elapsed blocks $?
+  grep '^{' "$OUT/blocks.log" | cut -c1-400
+}
+
 case "${1:-}" in
   kernels)
     main_py timeout 50 python3 scripts/benchmark_scan.py --model vcmamba_b --batch 128 \
@@ -250,33 +276,24 @@ case "${1:-}" in
     # against 83-88 s at 980b88e), then in what time is left the scan's launch settings at B's
     # shapes (one warp: fewer instructions and barriers in the PTX), eval-only M and S, and the
     # taps kernel gradient's formulations.
-    main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
-      --only scan > "$OUT/check_scan.log" 2>&1
-    elapsed check_scan $?
-    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_scan.log" | cut -c1-130
+    check_scan 100
     bench b main_py "${LIMIT:-230}"
-    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    left=$(left_s 575)
     if (( left >= 45 )); then
-      main_py timeout "$(( left < 90 ? left : 90 ))" python3 scripts/benchmark_scan.py \
-        --model vcmamba_b --batch 128 --impls fused --skip_model --fused_blocks 32,16,1,1,1 64,16,1,4,1 32,32,1,1,4 \
-        16,8,1,1,1 32,16,3,1,1 > "$OUT/scan_launch.log" 2>&1
-      elapsed scan_launch $?
-      grep '^scan' "$OUT/scan_launch.log"
+      scan_launch "$(( left < 90 ? left : 90 ))" 32,16,1,1,1 64,16,1,4,1 32,32,1,1,4 16,8,1,1,1 \
+        32,16,3,1,1
     fi
     B_FLAGS="$B_FLAGS --modes=eval_synthetic"
     for v in m s; do
-      left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+      left=$(left_s 575)
       if (( left >= 50 )); then
         B_FLAGS=${B_FLAGS/vcmamba_b.py/vcmamba_$v.py} bench "${v}_eval" main_py \
           "$(( left < 80 ? left : 80 ))"
       fi
     done
-    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    left=$(left_s 575)
     if (( left >= 60 )); then
-      main_py timeout "$left" python3 docs/pending/ffn_block_variants.py --batch 128 \
-        --variants 0,1,2 --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
-      elapsed blocks $?
-      grep '^{' "$OUT/blocks.log" | cut -c1-400
+      ffn_variants "$left"
     fi
     summary "$OUT"/[bsm]*.log
     grep -h 'set up' "$OUT"/b.log | cut -c1-160
@@ -287,26 +304,17 @@ case "${1:-}" in
     # one-pass BatchNorm moments, fc1's bias after its matmul: deviceless 131.0 -> 95.4 GB moved),
     # B's train step on .devtree/base (the last commit before it) on the same machine, then the
     # scan's launch settings and the FFN-block variants in what time is left.
-    main_py timeout 100 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
-      --only scan > "$OUT/check_scan.log" 2>&1
-    elapsed check_scan $?
-    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_scan.log" | cut -c1-130
+    check_scan 100
     bench b main_py "${LIMIT:-200}"
     bench b_base base_py "${LIMIT:-200}" --modes=train_synthetic
-    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    left=$(left_s 575)
     if (( left >= 45 )); then
-      main_py timeout "$(( left < 90 ? left : 90 ))" python3 scripts/benchmark_scan.py \
-        --model vcmamba_b --batch 128 --impls fused --skip_model --fused_blocks 32,16,1,1,1 64,16,1,4,1 32,32,1,1,4 \
-        16,8,1,1,1 32,16,3,1,1 > "$OUT/scan_launch.log" 2>&1
-      elapsed scan_launch $?
-      grep '^scan' "$OUT/scan_launch.log"
+      scan_launch "$(( left < 90 ? left : 90 ))" 32,16,1,1,1 64,16,1,4,1 32,32,1,1,4 16,8,1,1,1 \
+        32,16,3,1,1
     fi
-    left=$(( ${TOTAL:-575} - $(date +%s) + start ))
+    left=$(left_s 575)
     if (( left >= 60 )); then
-      main_py timeout "$left" python3 docs/pending/ffn_block_variants.py --batch 128 \
-        --variants 0,1,2 --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
-      elapsed blocks $?
-      grep '^{' "$OUT/blocks.log" | cut -c1-400
+      ffn_variants "$left"
     fi
     summary "$OUT"/[bsm]*.log
     grep -h 'set up' "$OUT"/b*.log | cut -c1-160
@@ -328,19 +336,12 @@ case "${1:-}" in
   lean)
     # For a call with ~4 minutes: the fused scan's GPU checks, B's eval step (eval only: no train
     # compile), then the scan's launch settings, in what time is left.
-    main_py timeout 90 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
-      --only scan > "$OUT/check_scan.log" 2>&1
-    elapsed check_scan $?
-    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_scan.log" | cut -c1-130
+    check_scan 90
     B_FLAGS="$B_FLAGS --modes=eval_synthetic"
     bench b_eval main_py 75
-    left=$(( ${TOTAL:-200} - $(date +%s) + start ))
+    left=$(left_s 200)
     if (( left >= 30 )); then
-      main_py timeout "$left" python3 scripts/benchmark_scan.py --model vcmamba_b --batch 128 \
-        --impls fused --skip_model --fused_blocks 32,16,1,1,1 64,16,1,4,1 16,8,1,1,1 \
-        > "$OUT/scan_launch.log" 2>&1
-      elapsed scan_launch $?
-      grep '^scan' "$OUT/scan_launch.log"
+      scan_launch "$left" 32,16,1,1,1 64,16,1,4,1 16,8,1,1,1
     fi
     summary "$OUT"/b_eval.log
     ;;
