@@ -20,7 +20,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 && "${1:-}" != s25 && "${1:-}" != s25b && "${1:-}" != s25c && "${1:-}" != lean ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 && "${1:-}" != s25 && "${1:-}" != s25b && "${1:-}" != s25c && "${1:-}" != lean && "${1:-}" != s26 && "${1:-}" != s26b ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -77,10 +77,11 @@ scan_launch() {
   elapsed scan_launch $?
   grep '^scan' "$OUT/scan_launch.log"
 }
-# ffn_variants SECONDS: the taps kernel gradient's formulations 0-2 (blocks.json).
+# ffn_variants SECONDS [VARIANTS]: B's FFN blocks at each variant of ffn_block_variants.py
+# (default 0-2: the taps kernel gradient's formulations; blocks.json).
 ffn_variants() {
   main_py timeout "$1" python3 docs/pending/ffn_block_variants.py --batch 128 \
-    --variants 0,1,2 --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
+    --variants "${2:-0,1,2}" --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
   elapsed blocks $?
   grep '^{' "$OUT/blocks.log" | cut -c1-400
 }
@@ -297,6 +298,35 @@ case "${1:-}" in
     fi
     summary "$OUT"/[bsm]*.log
     grep -h 'set up' "$OUT"/b.log | cut -c1-160
+    ;;
+  s26)
+    # Session 26: the Pallas depthwise kernels' GPU checks (now reading and writing unpadded
+    # arrays with masked tiles), then the kernels at rows-per-program chunks and launch settings
+    # against main's taps (B's FFN blocks, fwd+bwd), then B's train and eval steps on the working
+    # tree (fc1's pre-bias output saved for the backward: deviceless -2 GB moved).
+    main_py timeout 90 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only pallas > "$OUT/check_pallas.log" 2>&1
+    elapsed check_pallas $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-130
+    ffn_variants 220 15,5,6,7,8,9,10,11,12,13,14
+    left=$(left_s 575)
+    bench b main_py "$(( left < 230 ? left : 230 ))"
+    summary "$OUT"/b*.log
+    grep -h 'set up' "$OUT"/b*.log | cut -c1-160
+    ;;
+  s26b)
+    # Session 26, second call: B's train step with depthwise_impl=pallas at the launch setting
+    # SETTING (JSON, e.g. '{"rows": 8}'), then B's train step profiled on the working tree.
+    RUN="$ROOT/docs/pending/run_with_depthwise_launch.py ${SETTING// /} scripts/benchmark.py" \
+      bench b_pallas main_py "${LIMIT:-200}" --modes=train_synthetic \
+      --config.model.depthwise_impl=pallas
+    summary "$OUT"/b*.log
+    left=$(left_s 575)
+    if (( left >= 150 )); then
+      main_py timeout "$left" python3 scripts/profile_step.py $B_FLAGS --modes=train --top=40 \
+        --json_out="$OUT/profile_b.json" > "$OUT/profile_b.log" 2>&1
+      elapsed profile_b $?
+    fi
     ;;
   s25)
     # Session 25: the fused scan's GPU checks, B's train and eval steps on the working tree (the

@@ -47,19 +47,24 @@ VARIANTS = [
   *(
     {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas', 'launch': launch}
     for launch in (
-      {'tile_elements': 1024},
-      {'tile_elements': 4096},
-      {'num_warps': 8},
-      {'tile_elements': 4096, 'num_warps': 8},
-      {'tile_elements': 1024, 'num_warps': 2},
-      # Software pipelining of the row loop's loads (the kernels ran with num_stages=1 when
-      # measured slower than predicted; a guess is that each row waits for its loads).
-      {'num_stages': 2},
-      {'num_stages': 3},
-      {'tile_elements': 1024, 'num_stages': 3},
-      {'num_warps': 8, 'num_stages': 3},
+      # Rows per program (session 26): one program per image and channel block walked all H
+      # rows in a dependent chain (~1,024 programs at every stage); chunks of rows give more.
+      # tile_sums: the kernel-gradient sums and moments kept as tiles, summed over W once at the
+      # end (no cross-warp reduction and barrier per sum and row); 10 tiles of accumulators, so
+      # smaller tiles or more warps.
+      {'rows': 8},
+      {'rows': 4},
+      {'rows': 8, 'num_stages': 3},
+      {'rows': 8, 'tile_sums': True, 'tile_elements': 1024},
+      {'rows': 4, 'tile_sums': True, 'tile_elements': 1024},
+      {'rows': 8, 'tile_sums': True, 'num_warps': 8},
+      {'rows': 8, 'tile_sums': True, 'tile_elements': 512},
+      {'rows': 8, 'tile_sums': True, 'tile_elements': 1024, 'num_stages': 2},
+      {'tile_sums': True, 'tile_elements': 1024},
     )
   ),
+  # Main's own taps VJP (ops._depthwise_taps_fwd/_bwd: y and dx behind barriers).
+  {'dk': 'sep', 'bar_dx': True, 'bar_y': True, 'main': True},
 ]
 
 
@@ -100,7 +105,10 @@ def use_variant(variant: dict) -> None:
     dbias = jnp.sum(g.astype(jnp.float32), axis=(0, 1, 2)).astype(bias.dtype)
     return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype), dbias
 
-  ops._depthwise_taps.defvjp(fwd, bwd)
+  if variant.get('main'):
+    ops._depthwise_taps.defvjp(ops._depthwise_taps_fwd, ops._depthwise_taps_bwd)
+  else:
+    ops._depthwise_taps.defvjp(fwd, bwd)
   launch = variant.get('launch')
   depthwise_pallas.OVERRIDE = depthwise_pallas.LaunchConfig(**launch) if launch else None
 

@@ -51,6 +51,32 @@ def test_depthwise_conv_matches_lax_conv(impl, kernel, height, width):
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.parametrize('rows,tile_sums', [(3, False), (2, True), (0, True)])
+def test_pallas_depthwise_kernels_split_the_rows_among_programs(monkeypatch, rows, tile_sums):
+  """`LaunchConfig.rows`: programs own chunks of 3 (or 2, or all) of the 9 (or 10) rows, their
+  sums per row or as tiles (`tile_sums`); the output, the moments and every gradient as with
+  the XLA conv (the chunks' partials merged)."""
+  launch = depthwise_pallas.LaunchConfig(rows=rows, tile_sums=tile_sums)
+  monkeypatch.setattr(depthwise_pallas, 'OVERRIDE', launch)
+  height = 9 if rows == 3 else 10
+  keys = jax.random.split(jax.random.key(rows), 3)
+  x = jax.random.normal(keys[0], (2, height, 10, 16)) * 2 + 1
+  w = jax.random.normal(keys[1], (3, 3, 1, 16))
+  b = jax.random.normal(keys[2], (16,)) + 3
+  with jax.default_matmul_precision('highest'):
+    fast = lambda x, w, b: ops.depthwise_conv(x, w, b, impl='pallas')
+    ref = lambda x, w, b: ops.depthwise_conv(x, w, b, impl='xla')
+    y_fast, g_fast = _value_and_grads(fast, (x, w, b))
+    y_ref, g_ref = _value_and_grads(ref, (x, w, b))
+  np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+  for name, a, r in zip(['x', 'kernel', 'bias'], g_fast, g_ref):
+    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4, err_msg=name)
+  _, (mean, var) = ops.depthwise_conv_with_moments(x, w, b, impl='pallas')
+  ref_mean, ref_var = ops.batch_moments(y_ref)
+  np.testing.assert_allclose(mean, ref_mean, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(var, ref_var, rtol=1e-5)
+
+
 @pytest.mark.parametrize('kernel,grid,channels', [(3, 56, 256), (7, 7, 1024)])
 def test_pallas_depthwise_kernels_lower_to_triton_at_the_b_shapes(kernel, grid, channels):
   # No GPU here: a CUDA cross-lowering runs Pallas's Triton lowering (power-of-two tiles, ops

@@ -39,11 +39,17 @@ ACC_ELEMENTS = 4096  # cap on K*K * block: the kernel-gradient accumulators live
 class LaunchConfig:
   """tile_elements: target Wp * block of a program's tiles (2048: 16 float32 registers a thread
   at 4 warps); num_warps: Triton warps per program; num_stages: Triton's software pipelining of
-  the row loop's loads (1: none). Both kernels use it."""
+  the row loop's loads (1: none); rows: rows a program walks at most (the largest divisor of H
+  up to it; 0: all H rows, one program per image and channel block); tile_sums: the sums over
+  pixels (the kernel and bias gradients, the moments) kept as [Wp, blk] tiles summed over W
+  once at the program's end, instead of summed over W every row (a cross-warp reduction, with
+  its barrier, per sum and row). Both kernels use it."""
 
   tile_elements: int = 2048
   num_warps: int = 4
   num_stages: int = 1
+  rows: int = 0
+  tile_sums: bool = False
 
 
 # Set by benchmarks to time another launch configuration (None: the defaults).
@@ -70,21 +76,62 @@ def _prev_pow2(n: int) -> int:
   return 1 << (n.bit_length() - 1)
 
 
-def _bwd_kernel(xp_ref, gp_ref, k_ref, dx_ref, dk_ref, *, height, width, width_p, ksize):
-  """xp_ref, gp_ref [H, Wp + 2p, blk] (x and g, zero-padded in W: column c holds column c - p);
-  k_ref [K*K, blk] -> dx_ref [H, Wp, blk] (columns >= W unused), dk_ref [K*K + 1, blk] float32:
-  the image's kernel-gradient partials, then its bias-gradient partial (the sum of g)."""
+def row_chunk(height: int, rows: int) -> int:
+  """Rows a program walks: the largest divisor of `height` up to `rows` (0: all of them)."""
+  if rows <= 0 or rows >= height:
+    return height
+  return max(d for d in range(1, rows + 1) if height % d == 0)
+
+
+def _columns(width_p: int, shift: int, width: int, block: int) -> jax.Array:
+  """[Wp, blk] bool: whether image column w + shift (w = 0 .. Wp - 1) lies in 0 .. W - 1."""
+  source = jax.lax.broadcasted_iota(jnp.int32, (width_p, block), 0) + shift
+  return (source >= 0) & (source < width)
+
+
+def _load_row(ref, row, shift, *, width, width_p, col0):
+  """[Wp, blk] float32: image columns w + shift (w = 0 .. Wp - 1) of `row` of an image block
+  whose column 0 is the ref's column col0; zero outside the image (masked: on the GPU the ref is
+  the unpadded image and the masked lanes are not read)."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  mask = _columns(width_p, shift, width, ref.shape[-1])
+  tile = plgpu.load(ref.at[row, pl.ds(col0 + shift, width_p), :], mask=mask, other=0)
+  return tile.astype(jnp.float32)
+
+
+def _store_row(ref, row, value, *, width, width_p):
+  """Stores the [Wp, blk] `value` at `row`, columns 0 .. W - 1 (the rest masked)."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
+
+  mask = _columns(width_p, 0, width, ref.shape[-1])
+  plgpu.store(ref.at[row, pl.ds(0, width_p), :], value.astype(ref.dtype), mask=mask)
+
+
+def _bwd_kernel(
+  x_ref, g_ref, k_ref, dx_ref, dk_ref, *, height, width, width_p, ksize, rows, col0, tile_sums
+):
+  """x_ref, g_ref [H, W', blk] (x and g; image column c at column c + col0); k_ref [K*K, blk]
+  -> dx_ref [rows, W'', blk] (the program's rows), dk_ref [K*K + 1, blk] float32: the
+  kernel-gradient partials of those rows, then their bias-gradient partial (the sum of g)."""
   from jax.experimental import pallas as pl
 
-  del width  # g is zero beyond W: nothing to mask
   f32 = jnp.float32
   pad = ksize // 2
   taps = ksize * ksize
   kern = [k_ref[t, :].astype(f32) for t in range(taps)]
+  first = pl.program_id(2) * rows
+  # A slice start known at trace time must lie in bounds (Pallas checks it); a masked tile may
+  # start at -1 or end past W, so col0 is made a traced value (0 * a program id; Triton folds it).
+  col0 = col0 + 0 * pl.program_id(0)
+  load = functools.partial(_load_row, width=width, width_p=width_p, col0=col0)
 
-  def row(h, acc):
+  def row(i, acc):
+    h = first + i
     acc = list(acc)
-    g_row = gp_ref[h, pl.ds(pad, width_p), :].astype(f32)  # g[h, w]; zero for w >= W
+    g_row = load(g_ref, h, 0)  # g[h, w]; zero for w >= W
     dx = None
     for di in range(ksize):
       # Rows outside the image read a clamped row and are discarded by a select (scalar
@@ -97,28 +144,34 @@ def _bwd_kernel(xp_ref, gp_ref, k_ref, dx_ref, dk_ref, *, height, width, width_p
       g_row_q = jnp.clip(q, 0, height - 1)
       for dj in range(ksize):
         t = di * ksize + dj
-        xs = xp_ref[x_row, pl.ds(dj, width_p), :].astype(f32)  # x[r, w + dj - p]
-        acc[t] = jnp.where(x_ok, acc[t] + jnp.sum(xs * g_row, axis=0), acc[t])
-        gs = gp_ref[g_row_q, pl.ds(2 * pad - dj, width_p), :].astype(f32)  # g[q, w - dj + p]
+        xs = load(x_ref, x_row, dj - pad)  # x[r, w + dj - p]
+        product = xs * g_row if tile_sums else jnp.sum(xs * g_row, axis=0)
+        acc[t] = jnp.where(x_ok, acc[t] + product, acc[t])
+        gs = load(g_ref, g_row_q, pad - dj)  # g[q, w - dj + p]
         term = jnp.where(g_ok, gs * kern[t][None, :], 0.0)
         dx = term if dx is None else dx + term
-    dx_ref[h, :, :] = dx.astype(dx_ref.dtype)
-    acc[taps] = acc[taps] + jnp.sum(g_row, axis=0)
+    _store_row(dx_ref, i, dx, width=width, width_p=width_p)
+    acc[taps] = acc[taps] + (g_row if tile_sums else jnp.sum(g_row, axis=0))
     return tuple(acc)
 
-  zeros = jnp.zeros(kern[0].shape, f32)
-  acc = jax.lax.fori_loop(0, height, row, (zeros,) * (taps + 1))
+  zeros = jnp.zeros((width_p, *kern[0].shape) if tile_sums else kern[0].shape, f32)
+  acc = jax.lax.fori_loop(0, rows, row, (zeros,) * (taps + 1))
   for t in range(taps + 1):
-    dk_ref[t, :] = acc[t]
+    dk_ref[t, :] = jnp.sum(acc[t], axis=0) if tile_sums else acc[t]
 
 
-def _row_call(body, x, ksize, padded, per_channel, partial_rows, interpret):
-  """Runs a kernel `body` on the grid (image, channel block), each program walking the rows.
+def _row_call(body, x, ksize, images, per_channel, partial_rows, interpret):
+  """Runs a kernel `body` on the grid (image, channel block, chunk of rows), each program walking
+  its chunk's rows (`LaunchConfig.rows`) in [Wp, blk] tiles of a row (Wp = W rounded up to a
+  power of two).
 
-  `padded`: [B, H, W, C] inputs, passed zero-padded in W to Wp + 2p columns (column c holds column
-  c - p) in x's dtype; `per_channel`: [R, C] inputs, whole rows of the program's channels. Returns
-  the [B, H, W, C] map the kernel writes (in x's dtype, sliced from width Wp) and its per-image
-  partials [B, partial_rows, C] float32.
+  `images`: [B, H, W, C] inputs, whole images per program (it reads the rows around its chunk);
+  `per_channel`: [R, C] inputs, whole rows of the program's channels. Returns the [B, H, W, C]
+  map the kernel writes (in x's dtype) and its per-chunk partials [B, chunks, partial_rows, C]
+  float32. On the GPU the kernels read and write the arrays as they are, masking the tiles'
+  columns outside the image. The interpreter clamps an out-of-bounds slice instead of masking
+  it, so there the images are zero-padded in W (column c at c + p) and the output is written at
+  width Wp and sliced: the same kernel, every tile in bounds.
   """
   from jax.experimental import pallas as pl
 
@@ -127,26 +180,41 @@ def _row_call(body, x, ksize, padded, per_channel, partial_rows, interpret):
   width_p = _next_pow2(width)
   launch = launch_config()
   block = channel_block(channels, width_p, ksize, launch.tile_elements)
-  padding = ((0, 0), (0, 0), (pad, width_p + pad - width), (0, 0))
-  padded_spec = pl.BlockSpec((None, height, width_p + 2 * pad, block), lambda b, c: (b, 0, 0, c))
+  rows = row_chunk(height, launch.rows)
+  chunks = height // rows
+  if interpret:
+    col0, out_width = pad, width_p
+    images = [jnp.pad(a, ((0, 0), (0, 0), (pad, width_p + pad - width), (0, 0))) for a in images]
+  else:
+    col0, out_width = 0, width
+  image_spec = pl.BlockSpec((None, height, images[0].shape[2], block), lambda b, c, r: (b, 0, 0, c))
   out, partials = pl.pallas_call(
-    functools.partial(body, height=height, width=width, width_p=width_p, ksize=ksize),
-    out_shape=(
-      jax.ShapeDtypeStruct((batch, height, width_p, channels), x.dtype),
-      jax.ShapeDtypeStruct((batch, partial_rows, channels), jnp.float32),
+    functools.partial(
+      body,
+      height=height,
+      width=width,
+      width_p=width_p,
+      ksize=ksize,
+      rows=rows,
+      col0=col0,
+      tile_sums=launch.tile_sums,
     ),
-    grid=(batch, channels // block),
-    in_specs=[padded_spec] * len(padded)
-    + [pl.BlockSpec((a.shape[0], block), lambda b, c: (0, c)) for a in per_channel],
+    out_shape=(
+      jax.ShapeDtypeStruct((batch, height, out_width, channels), x.dtype),
+      jax.ShapeDtypeStruct((batch, chunks, partial_rows, channels), jnp.float32),
+    ),
+    grid=(batch, channels // block, chunks),
+    in_specs=[image_spec] * len(images)
+    + [pl.BlockSpec((a.shape[0], block), lambda b, c, r: (0, c)) for a in per_channel],
     out_specs=(
-      pl.BlockSpec((None, height, width_p, block), lambda b, c: (b, 0, 0, c)),
-      pl.BlockSpec((None, partial_rows, block), lambda b, c: (b, 0, c)),
+      pl.BlockSpec((None, rows, out_width, block), lambda b, c, r: (b, r, 0, c)),
+      pl.BlockSpec((None, None, partial_rows, block), lambda b, c, r: (b, r, 0, c)),
     ),
     compiler_params=None
     if interpret
     else pallas_gpu.compiler_params(launch.num_warps, launch.num_stages),
     interpret=interpret,
-  )(*(jnp.pad(a.astype(x.dtype), padding) for a in padded), *per_channel)
+  )(*(a.astype(x.dtype) for a in images), *per_channel)
   return out[:, :, :width, :], partials
 
 
@@ -166,15 +234,18 @@ def depthwise_backward(
   ksize, channels = kernel.shape[0], x.shape[-1]
   taps = kernel.reshape(ksize * ksize, channels)
   dx, dk = _row_call(_bwd_kernel, x, ksize, (x, g), (taps,), ksize * ksize + 1, interpret)
-  sums = dk.sum(axis=0)
+  sums = dk.sum(axis=(0, 1))
   return dx, sums[:-1].reshape(ksize, ksize, channels), sums[-1]
 
 
-def _fwd_kernel(xp_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize):
-  """xp_ref [H, Wp + 2p, blk] (x zero-padded in W), k_ref [K*K, blk], b_ref [1, blk] ->
-  y_ref [H, Wp, blk] (columns >= W unused) and stats_ref [2, blk]: the image's mean and sum of
-  squared deviations of y over its H*W pixels (float32, rows merged with Chan's formula, so the
-  variance has the accuracy of a two-pass one)."""
+def _fwd_kernel(
+  x_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize, rows, col0, tile_sums
+):
+  """x_ref [H, W', blk] (image column c at column c + col0), k_ref [K*K, blk], b_ref [1, blk]
+  -> y_ref [rows, W'', blk] (the program's rows) and stats_ref [2, blk]: the mean and sum of
+  squared deviations of y over those rows' pixels (float32, with the accuracy of a two-pass
+  variance: rows merged with Chan's formula; with tile_sums, Welford's update per column over
+  the rows, then the columns merged with Chan's formula)."""
   from jax.experimental import pallas as pl
 
   f32 = jnp.float32
@@ -182,8 +253,14 @@ def _fwd_kernel(xp_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_
   kern = [k_ref[t, :].astype(f32) for t in range(ksize * ksize)]
   bias = b_ref[0, :].astype(y_ref.dtype).astype(f32)
   valid = jax.lax.broadcasted_iota(jnp.int32, (width_p, 1), 0) < width
+  first = pl.program_id(2) * rows
+  # A slice start known at trace time must lie in bounds (Pallas checks it); a masked tile may
+  # start at -1 or end past W, so col0 is made a traced value (0 * a program id; Triton folds it).
+  col0 = col0 + 0 * pl.program_id(0)
+  load = functools.partial(_load_row, width=width, width_p=width_p, col0=col0)
 
-  def row(h, carry):
+  def row(i, carry):
+    h = first + i
     mean, m2 = carry
     acc = None
     for di in range(ksize):
@@ -191,24 +268,32 @@ def _fwd_kernel(xp_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_
       ok = (r >= 0) & (r < height)
       x_row = jnp.clip(r, 0, height - 1)
       for dj in range(ksize):
-        xs = xp_ref[x_row, pl.ds(dj, width_p), :].astype(f32)
-        term = jnp.where(ok, xs * kern[di * ksize + dj][None, :], 0.0)
+        term = jnp.where(ok, load(x_ref, x_row, dj - pad) * kern[di * ksize + dj][None, :], 0.0)
         acc = term if acc is None else acc + term
     # As ops.depthwise_conv's taps: the bias added in float32, one rounding.
     y = (acc + bias[None, :]).astype(y_ref.dtype)
-    y_ref[h, :, :] = y
+    _store_row(y_ref, i, y, width=width, width_p=width_p)
+    if tile_sums:  # columns >= W hold the bias only; they leave in the merge below
+      delta = y.astype(f32) - mean
+      mean = mean + delta * (1.0 / (i + 1).astype(f32))
+      return mean, m2 + delta * (y.astype(f32) - mean)
     yf = jnp.where(valid, y.astype(f32), 0.0)
     row_mean = jnp.sum(yf, axis=0) / width
     row_m2 = jnp.sum(jnp.where(valid, jnp.square(yf - row_mean[None, :]), 0.0), axis=0)
-    seen = (h * width).astype(f32)
+    seen = (i * width).astype(f32)
     total = seen + width
     delta = row_mean - mean
     mean = mean + delta * (width / total)
     m2 = m2 + row_m2 + jnp.square(delta) * (seen * width / total)
     return mean, m2
 
-  zeros = jnp.zeros(bias.shape, f32)
-  mean, m2 = jax.lax.fori_loop(0, height, row, (zeros, zeros))
+  zeros = jnp.zeros((width_p, *bias.shape) if tile_sums else bias.shape, f32)
+  mean, m2 = jax.lax.fori_loop(0, rows, row, (zeros, zeros))
+  if tile_sums:  # Chan's merge of the W columns' moments (each over `rows` pixels)
+    column_mean = mean
+    mean = jnp.sum(jnp.where(valid, column_mean, 0.0), axis=0) / width
+    spread = jnp.where(valid, jnp.square(column_mean - mean[None, :]), 0.0)
+    m2 = jnp.sum(jnp.where(valid, m2, 0.0), axis=0) + rows * jnp.sum(spread, axis=0)
   stats_ref[0, :] = mean
   stats_ref[1, :] = m2
 
@@ -231,10 +316,11 @@ def depthwise_forward(
   ksize = kernel.shape[0]
   per_channel = (kernel.reshape(ksize * ksize, channels), bias.reshape(1, channels))
   y, stats = _row_call(_fwd_kernel, x, ksize, (x,), per_channel, 2, interpret)
-  # Merge the images' moments (each over H*W pixels) with Chan's formula.
-  image_mean, image_m2 = stats[:, 0], stats[:, 1]
-  mean = image_mean.mean(axis=0)
-  m2 = image_m2.sum(axis=0) + height * width * jnp.square(image_mean - mean).sum(axis=0)
+  # Merge the programs' moments (each over the same number of pixels) with Chan's formula.
+  part_mean, part_m2 = stats[:, :, 0].reshape(-1, channels), stats[:, :, 1].reshape(-1, channels)
+  mean = part_mean.mean(axis=0)
+  pixels = batch * height * width // part_mean.shape[0]
+  m2 = part_m2.sum(axis=0) + pixels * jnp.square(part_mean - mean).sum(axis=0)
   return y, mean, m2 / (batch * height * width)
 
 

@@ -147,20 +147,29 @@ class DenseBiasAfterMatmul(nn.Module):
   into the cuBLAS call as its C operand, a broadcast [tokens, hidden] tensor written by a kernel of
   its own and read by the GEMM (deviceless for an H100, B at batch 128: 20 such tensors, 2 GB
   written and read a train step; fc1 of stages 1-3, whose outputs are channel-major there).
+
+  ``save_name``: under a remat policy that saves this name, the matmul's output is saved, not
+  the output with its bias (which the saved one then gives again, fused into its readers): the
+  biased output would be a pass of its own (read and written once more in the forward).
   """
 
   features: int
   dtype: Dtype
   kernel_init: Initializer = normal_init
   bias_init: Initializer = nn.initializers.zeros
+  save_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-    return jax.lax.optimization_barrier(y) + bias
+    y = jax.lax.optimization_barrier(
+      jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    )
+    if self.save_name is not None:
+      y = checkpoint_name(y, self.save_name)
+    return y + bias
 
 
 def dense(
@@ -172,12 +181,18 @@ def dense(
   kernel_init: Initializer = normal_init,
   bias_init: Initializer = nn.initializers.zeros,
   bias_after_matmul: bool = False,
+  save_name: str | None = None,
 ) -> nn.Module:
   """A Linear / 1x1 convolution on the channel axis (kernel [in, out]); `bias_after_matmul`:
-  ``DenseBiasAfterMatmul`` (same parameters and numbers)."""
+  ``DenseBiasAfterMatmul`` (same parameters and numbers; `save_name` its remat tag)."""
   if bias_after_matmul and use_bias:
     return DenseBiasAfterMatmul(
-      features, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, name=name
+      features,
+      dtype=dtype,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      save_name=save_name,
+      name=name,
     )
   return nn.Dense(
     features,
@@ -315,15 +330,23 @@ class Mlp(nn.Module):
     hidden = self.hidden_features
     remat = self.remat != 'none' and train
 
-    def saved(y, moments=None):
-      """y tagged, and under remat y's batch moments (given, or computed here) tagged."""
+    def saved(y, moments=None, tag_y=True):
+      """Under remat: y tagged (unless `tag_y` is False: its producer tagged what gives it), and
+      y's batch moments (given, or computed here) tagged."""
       if not remat:
         return y, moments
       if moments is None:
         moments = ops.batch_moments(y)
-      return checkpoint_name(y, MLP_SAVED), checkpoint_name(moments, MLP_SAVED)
+      return checkpoint_name(y, MLP_SAVED) if tag_y else y, checkpoint_name(moments, MLP_SAVED)
 
-    x, moments = saved(dense(hidden, dtype=self.dtype, name='fc1', bias_after_matmul=True)(x))
+    fc1 = dense(
+      hidden,
+      dtype=self.dtype,
+      name='fc1',
+      bias_after_matmul=True,
+      save_name=MLP_SAVED if remat else None,
+    )
+    x, moments = saved(fc1(x), tag_y=False)
     x = BatchNorm(activation='gelu', dtype=self.dtype, name='norm1')(x, train, moments)
     if remat and self.remat == 'fc2_input':
       x = checkpoint_name(x, MLP_SAVED)
