@@ -302,17 +302,29 @@ case "${1:-}" in
   s26)
     # Session 26: the Pallas depthwise kernels' GPU checks (now reading and writing unpadded
     # arrays with masked tiles), then the kernels at rows-per-program chunks and launch settings
-    # against main's taps (B's FFN blocks, fwd+bwd), then B's train and eval steps on the working
-    # tree (fc1's pre-bias output saved for the backward: deviceless -2 GB moved).
-    main_py timeout 90 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+    # against main's taps (B's FFN blocks, fwd+bwd), then B's train step with depthwise_impl=pallas
+    # at the fastest of those settings, then main's (fc1's pre-bias output saved for the backward:
+    # deviceless -2 GB moved) in what time is left.
+    main_py timeout 80 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
       --only pallas > "$OUT/check_pallas.log" 2>&1
     elapsed check_pallas $?
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-130
-    ffn_variants 220 15,5,6,7,8,9,10,11,12,13,14
-    left=$(left_s 575)
-    bench b main_py "$(( left < 230 ? left : 230 ))"
+    ffn_variants 200 15,5,6,7,8,9,10,11,12,13,14
+    SETTING=$(python3 -c "
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1])) if r['variant'].get('impl') == 'pallas']
+print(json.dumps(min(rows, key=lambda r: r['ffn_blocks_of_b_ms'])['variant'].get('launch', {})))
+" "$OUT/blocks.json" 2>/dev/null || echo '{}')
+    echo "fastest pallas setting: $SETTING" | tee -a "$OUT/env.txt"
+    left=$(left_s 470)
+    RUN="$ROOT/docs/pending/run_with_depthwise_launch.py ${SETTING// /} scripts/benchmark.py" \
+      bench b_pallas main_py "$(( left < 150 ? left : 150 ))" --modes=train_synthetic \
+      --config.model.depthwise_impl=pallas
+    left=$(left_s 470)
+    if (( left >= 100 )); then
+      bench b main_py "$left" --modes=train_synthetic
+    fi
     summary "$OUT"/b*.log
-    grep -h 'set up' "$OUT"/b*.log | cut -c1-160
     ;;
   s26b)
     # Session 26, second call: B's train step with depthwise_impl=pallas at the launch setting
