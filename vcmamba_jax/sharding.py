@@ -66,6 +66,27 @@ def traced_under_mesh(fn: Callable, mesh: Mesh) -> Callable:
   return wrapped
 
 
+def per_device(fn: Callable, *operands: jax.Array, batched: Sequence[bool]):
+  """``fn(*operands)`` computed on each device's share of the batch: a `shard_map` over every
+  axis of the mesh being traced under (`traced_under_mesh`), for Pallas kernels, which XLA
+  cannot partition (given batch-split operands it gathers the whole batch onto every device and
+  runs the kernel there: each device computes every device's share).
+
+  The operands flagged in `batched` are split on their leading axis (the batch, as the trainer
+  splits batches; one of length 1 broadcasts and is replicated), the others replicated; every
+  output of ``fn`` must have the batch as its leading axis (per-example results or partial
+  sums, reduced outside). Without a mesh, with one device or a batch the mesh does not divide
+  (e.g. model.init's single image): ``fn(*operands)``.
+  """
+  batch = next(x.shape[0] for x, b in zip(operands, batched, strict=True) if b)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or batch % mesh.size:
+    return fn(*operands)
+  split = P(tuple(mesh.axis_names))
+  specs = tuple(split if b and x.shape[0] == batch else P() for x, b in zip(operands, batched))
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=split, check_vma=False)(*operands)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """Sharding of an array with a full copy on every device."""
   return NamedSharding(mesh, P())

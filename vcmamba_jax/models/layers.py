@@ -209,8 +209,9 @@ class DepthwiseConv(nn.Module):
   """Depthwise KxK conv with bias, stride 1, padding K//2 (torch Conv2d(C, C, K, groups=C)).
 
   The parameters are those of ``conv(C, K, groups=C, ...)`` (kernel [K, K, 1, C], bias [C],
-  PyTorch's init); the computation is ``ops.depthwise_conv``; impl 'auto' runs the taps VJP in
-  training and XLA's convolution (cuDNN on GPUs) in inference; impl 'pallas' with an
+  PyTorch's init); the computation is ``ops.depthwise_conv``; impl 'auto' runs the Pallas kernels
+  (GPUs; the taps VJP elsewhere) in training and XLA's convolution (cuDNN on GPUs) in inference;
+  impl 'pallas' with an
   ``epilogue`` in inference runs the conv, BatchNorm and GELU as one Pallas kernel.
   """
 
@@ -236,14 +237,13 @@ class DepthwiseConv(nn.Module):
     bias = self.param('bias', init, (channels,), jnp.float32)
     impl = self.impl
     if impl == 'auto':
-      # Measured on an H200 (B, bf16): the taps VJP trains at 1,673 img/s against cuDNN's 1,085,
-      # while cuDNN's forward infers at 9,205 img/s against 8,111 for taps. 'pallas' (H100,
-      # 2026-12-07): 1,381 img/s against 1,449 for taps, in 1.4 GiB less memory.
-      # With the BatchNorm + GELU epilogue, 'pallas' fuses the three into one kernel
-      # (`depthwise_pallas.depthwise_bn_gelu`): on an H200 (2026-12-07, B, bf16, batch 256) it
-      # infers at 10,067 img/s against 10,982 for cuDNN's conv and one BatchNorm + GELU pass,
-      # in 1.49 GiB of peak memory against 1.92: opt-in.
-      impl = 'taps' if train else 'xla'
+      # Training: the Pallas kernels on GPUs (`ops.training_depthwise_impl`). Inference: cuDNN's
+      # forward (H200, B, bf16: 9,205 img/s against 8,111 for taps). With the BatchNorm + GELU
+      # epilogue, 'pallas' fuses the three into one kernel (`depthwise_pallas.depthwise_bn_gelu`):
+      # on an H200 (2026-12-07, B, bf16, batch 256) it infers at 10,067 img/s against 10,982 for
+      # cuDNN's conv and one BatchNorm + GELU pass, in 1.49 GiB of peak memory against 1.92:
+      # opt-in.
+      impl = ops.training_depthwise_impl() if train else 'xla'
     x = x.astype(self.dtype)
     if epilogue is not None:
       if train:

@@ -24,8 +24,8 @@ class ComputeOptions:
     permutes delta/B/C with u and applies the dt bias once (cannot load the released weights).
   scan_impl: the selective scan's implementation (models/scan.py: 'auto' picks per platform).
   remat_scan: recompute the scan's states in the backward pass instead of keeping them.
-  depthwise_impl: the depthwise convolutions' implementation (models/ops.py; 'auto' = taps VJP
-    in training, XLA's convolution in inference).
+  depthwise_impl: the depthwise convolutions' implementation (models/ops.py; 'auto' = the
+    Pallas kernels in training on GPUs, the taps VJP elsewhere, XLA's convolution in inference).
   scan_blocks: run each stage's FFN blocks as one `nn.scan`, so that the compiler sees one
     block per stage instead of one per block. Same parameters (names and shapes), same numbers.
     A trade (B, bf16, batch 128, one H100, 2026-12-07): train-step compile 57 -> 52 s, peak

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vcmamba_jax import sharding
 from vcmamba_jax.models import pallas_gpu
 
 MAX_UNROLLED_LENGTH = 64
@@ -169,7 +170,14 @@ def _specs(length, inner, state, block):
 def _forward(u, delta, A, B, C, D, bias, interpret, write_states=True):
   """(y, the state checkpoints) or, without `write_states` (inference: nothing differentiates),
   (y, None): the kernel then does not write the [seqs, L / chunk, E, N] float32 checkpoints
-  (470 MB a Mamba layer for B at batch 256)."""
+  (470 MB a Mamba layer for B at batch 256). Per device under a mesh (`sharding.per_device`)."""
+  local = functools.partial(_forward_local, interpret=interpret, write_states=write_states)
+  operands = (u, delta, A, B, C, D, bias)
+  out = sharding.per_device(local, *operands, batched=[x.ndim == 3 for x in operands])
+  return out[0], (out[1] if write_states else None)
+
+
+def _forward_local(u, delta, A, B, C, D, bias, *, interpret, write_states):
   from jax.experimental import pallas as pl
 
   seqs, length, inner = u.shape
@@ -182,7 +190,7 @@ def _forward(u, delta, A, B, C, D, bias, interpret, write_states=True):
   if write_states:
     out_shape.append(jax.ShapeDtypeStruct((seqs, length // chunk, inner, state), jnp.float32))
     out_specs.append(pl.BlockSpec((None, length // chunk, block, state), lambda i, j: (i, 0, j, 0)))
-  out = pl.pallas_call(
+  call = pl.pallas_call(
     functools.partial(_fwd_kernel, length=length, chunk=chunk, write_states=write_states),
     out_shape=tuple(out_shape),
     grid=(seqs, inner // block),
@@ -190,11 +198,30 @@ def _forward(u, delta, A, B, C, D, bias, interpret, write_states=True):
     out_specs=tuple(out_specs),
     compiler_params=None if interpret else pallas_gpu.compiler_params(FWD_WARPS, NUM_STAGES),
     interpret=interpret,
-  )(u, delta, A, B, C, D, bias)
-  return out[0], (out[1] if write_states else None)
+  )
+  return call(u, delta, A, B, C, D, bias)
 
 
 def _backward(u, delta, A, B, C, D, bias, checkpoints, dy, interpret):
+  operands = (u, delta, A, B, C, D, bias, checkpoints, dy)
+  local = functools.partial(_backward_kernels, interpret=interpret)
+  batched = [x.ndim >= 3 for x in operands]
+  du, ddelta, da, db, dc = sharding.per_device(local, *operands, batched=batched)
+  dy32, u32 = dy.astype(jnp.float32), u.astype(jnp.float32)
+  return (
+    du.astype(u.dtype),
+    ddelta.astype(delta.dtype),
+    da.sum(0).astype(A.dtype),
+    db.sum(2).astype(B.dtype),
+    dc.sum(2).astype(C.dtype),
+    jnp.sum(dy32 * u32, axis=(0, 1)).astype(D.dtype),
+    ddelta.sum(axis=(0, 1)).astype(bias.dtype),
+  )
+
+
+def _backward_kernels(u, delta, A, B, C, D, bias, checkpoints, dy, *, interpret):
+  """The backward kernel: du, ddelta [seqs, L, E] and the per-sequence (and channel-block)
+  partials of dA [seqs, E, N], dB and dC [seqs, L, blocks, N] (float32)."""
   from jax.experimental import pallas as pl
 
   seqs, length, inner = u.shape
@@ -207,7 +234,7 @@ def _backward(u, delta, A, B, C, D, bias, checkpoints, dy, interpret):
   partial_mat = pl.BlockSpec((None, block, state), lambda i, j: (i, j, 0))
   chunk = _chunk_size(length)
   checkpoint_spec = pl.BlockSpec((None, length // chunk, block, state), lambda i, j: (i, 0, j, 0))
-  du, ddelta, da, db, dc = pl.pallas_call(
+  return pl.pallas_call(
     functools.partial(_bwd_kernel, length=length, chunk=chunk),
     out_shape=(
       jax.ShapeDtypeStruct(u.shape, f32),
@@ -222,16 +249,6 @@ def _backward(u, delta, A, B, C, D, bias, checkpoints, dy, interpret):
     compiler_params=None if interpret else pallas_gpu.compiler_params(BWD_WARPS, NUM_STAGES),
     interpret=interpret,
   )(u, delta, A, B, C, D, bias, checkpoints, dy)
-  dy32, u32 = dy.astype(f32), u.astype(f32)
-  return (
-    du.astype(u.dtype),
-    ddelta.astype(delta.dtype),
-    da.sum(0).astype(A.dtype),
-    db.sum(2).astype(B.dtype),
-    dc.sum(2).astype(C.dtype),
-    jnp.sum(dy32 * u32, axis=(0, 1)).astype(D.dtype),
-    ddelta.sum(axis=(0, 1)).astype(bias.dtype),
-  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))

@@ -28,6 +28,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vcmamba_jax import sharding
+
 LANES = 128
 MAX_BLOCK_TOKENS = 64  # tokens per grid step; longer sequences are cut into blocks of this size
 MAX_BLOCK_CHANNELS = 1024  # channels per grid step (lanes): [16, 1024] f32 state = 16 vregs
@@ -413,30 +415,13 @@ def selective_scan_tpu(
   if not delta_softplus:
     raise NotImplementedError('the TPU scan implements delta_softplus=True only')
   fn = functools.partial(_selective_scan_local, interpret=interpret)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return fn(u, delta, A, B, C, D, delta_bias)
-  from jax.sharding import PartitionSpec as P
-
-  batched = u.ndim >= 3 and u.shape[0] % mesh.size == 0
-  split = P(tuple(mesh.axis_names))
-
-  def spec(x):
-    if not batched or x.ndim != u.ndim or x.shape[0] != u.shape[0]:
-      return P()
-    return split
-
   inner = u.shape[-1]
   D = jnp.zeros((inner,), jnp.float32) if D is None else D
   delta_bias = jnp.zeros((inner,), jnp.float32) if delta_bias is None else delta_bias
-  operands = (u, delta, A, B, C, D, delta_bias)
-  return jax.shard_map(
-    fn,
-    mesh=mesh,
-    in_specs=tuple(spec(x) for x in operands),
-    out_specs=spec(u),
-    check_vma=False,
-  )(*operands)
+  if u.ndim < 3:  # no batch axis to split
+    return fn(u, delta, A, B, C, D, delta_bias)
+  batched = [x.ndim == u.ndim for x in (u, delta, A, B, C, D, delta_bias)]
+  return sharding.per_device(fn, u, delta, A, B, C, D, delta_bias, batched=batched)
 
 
 def _selective_scan_local(

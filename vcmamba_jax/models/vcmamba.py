@@ -405,7 +405,8 @@ def create_model(
     **kwargs: other ``VCMamba`` fields: depths, widths, num_mamba_layers, scan_mode
       ('upstream' | 'corrected'), scan_impl ('auto' | 'associative' | 'sequential' | 'chunked' |
       'fused' | 'pallas_tpu'; 'auto' = models.scan.resolve_auto), remat_scan,
-      depthwise_impl ('auto' = 'taps' | 'xla' | 'matmul' | 'pallas', see models/ops.py),
+      depthwise_impl ('auto' | 'taps' | 'xla' | 'matmul' | 'pallas', see models/ops.py;
+      'auto' = 'pallas' in training on GPUs, 'taps' elsewhere, 'xla' in inference),
       scan_blocks (each stage's FFN blocks as one nn.scan), remat_mlp ('none' | 'fc2_input' |
       'all': the Mlp's GELU outputs recomputed in the backward pass), stem_activation.
   """
