@@ -317,7 +317,7 @@ print(json.dumps(min(rows, key=lambda r: r['ffn_blocks_of_b_ms'])['variant'].get
 " "$OUT/blocks.json" 2>/dev/null || echo '{}')
     echo "fastest pallas setting: $SETTING" | tee -a "$OUT/env.txt"
     left=$(left_s 470)
-    RUN="$ROOT/docs/pending/run_with_depthwise_launch.py ${SETTING// /} scripts/benchmark.py" \
+    RUN="$ROOT/docs/pending/run_with_kernel_config.py --depthwise ${SETTING// /} scripts/benchmark.py" \
       bench b_pallas main_py "$(( left < 150 ? left : 150 ))" --modes=train_synthetic \
       --config.model.depthwise_impl=pallas
     left=$(left_s 470)
@@ -329,7 +329,7 @@ print(json.dumps(min(rows, key=lambda r: r['ffn_blocks_of_b_ms'])['variant'].get
   s26b)
     # Session 26, second call: B's train step with depthwise_impl=pallas at the launch setting
     # SETTING (JSON, e.g. '{"rows": 8}'), then B's train step profiled on the working tree.
-    RUN="$ROOT/docs/pending/run_with_depthwise_launch.py ${SETTING// /} scripts/benchmark.py" \
+    RUN="$ROOT/docs/pending/run_with_kernel_config.py --depthwise ${SETTING// /} scripts/benchmark.py" \
       bench b_pallas main_py "${LIMIT:-200}" --modes=train_synthetic \
       --config.model.depthwise_impl=pallas
     summary "$OUT"/b*.log

@@ -1,6 +1,9 @@
-"""Runs a script with the pending fused scan's launch settings fixed (`scan_pallas.OVERRIDE`).
+"""Runs a script with a Pallas kernel's launch settings fixed: the fused scan's
+(`scan_pallas.OVERRIDE`, a `KernelConfig`) or, with --depthwise first, the depthwise conv's
+(`depthwise_pallas.OVERRIDE`, a `LaunchConfig`).
 
 python docs/pending/run_with_kernel_config.py '{"group": 1}' scripts/benchmark.py --config=...
+python docs/pending/run_with_kernel_config.py --depthwise '{"rows": 8}' scripts/benchmark.py ...
 """
 
 from __future__ import annotations
@@ -9,10 +12,15 @@ import json
 import runpy
 import sys
 
-from vcmamba_jax.models import scan_pallas
+from vcmamba_jax.models import depthwise_pallas, scan_pallas
 
 if __name__ == '__main__':
-  setting, script, *rest = sys.argv[1:]
-  scan_pallas.OVERRIDE = scan_pallas.KernelConfig(**json.loads(setting))
+  args = sys.argv[1:]
+  depthwise = args[0] == '--depthwise'
+  setting, script, *rest = args[1:] if depthwise else args
+  if depthwise:
+    depthwise_pallas.OVERRIDE = depthwise_pallas.LaunchConfig(**json.loads(setting))
+  else:
+    scan_pallas.OVERRIDE = scan_pallas.KernelConfig(**json.loads(setting))
   sys.argv = [script, *rest]
   runpy.run_path(script, run_name='__main__')

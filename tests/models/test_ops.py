@@ -41,6 +41,11 @@ def test_depthwise_conv_matches_lax_conv(impl, kernel, height, width):
   x = jax.random.normal(keys[0], (2, height, width, 6))
   w = jax.random.normal(keys[1], (kernel, kernel, 1, 6))
   b = jax.random.normal(keys[2], (6,))
+  _assert_matches_lax_conv(impl, x, w, b)
+
+
+def _assert_matches_lax_conv(impl, x, w, b):
+  """`impl`'s output and gradients against XLA's convolution; returns XLA's output."""
   with jax.default_matmul_precision('highest'):
     fast = lambda x, w, b: ops.depthwise_conv(x, w, b, impl=impl)
     ref = lambda x, w, b: ops.depthwise_conv(x, w, b, impl='xla')
@@ -49,6 +54,7 @@ def test_depthwise_conv_matches_lax_conv(impl, kernel, height, width):
   np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
   for name, a, r in zip(['x', 'kernel', 'bias'], g_fast, g_ref):
     np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4, err_msg=name)
+  return y_ref
 
 
 @pytest.mark.parametrize('rows,tile_sums', [(3, False), (2, True), (0, True)])
@@ -63,14 +69,7 @@ def test_pallas_depthwise_kernels_split_the_rows_among_programs(monkeypatch, row
   x = jax.random.normal(keys[0], (2, height, 10, 16)) * 2 + 1
   w = jax.random.normal(keys[1], (3, 3, 1, 16))
   b = jax.random.normal(keys[2], (16,)) + 3
-  with jax.default_matmul_precision('highest'):
-    fast = lambda x, w, b: ops.depthwise_conv(x, w, b, impl='pallas')
-    ref = lambda x, w, b: ops.depthwise_conv(x, w, b, impl='xla')
-    y_fast, g_fast = _value_and_grads(fast, (x, w, b))
-    y_ref, g_ref = _value_and_grads(ref, (x, w, b))
-  np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
-  for name, a, r in zip(['x', 'kernel', 'bias'], g_fast, g_ref):
-    np.testing.assert_allclose(a, r, rtol=1e-4, atol=1e-4, err_msg=name)
+  y_ref = _assert_matches_lax_conv('pallas', x, w, b)
   _, (mean, var) = ops.depthwise_conv_with_moments(x, w, b, impl='pallas')
   ref_mean, ref_var = ops.batch_moments(y_ref)
   np.testing.assert_allclose(mean, ref_mean, rtol=1e-6, atol=1e-6)
