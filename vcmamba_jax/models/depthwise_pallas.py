@@ -6,16 +6,17 @@ XLA formulation of the taps VJP (`ops._depthwise_taps_bwd`) costs ~22 ms: the K*
 sums of a stage-1 block run as 6 reduction kernels (1.16 ms against ~0.12 ms of bytes) and the
 input gradient is a 9-tap stencil fused into BatchNorm's backward. The backward kernel reads x and
 the output gradient g once per program row (the K*K shifted reads hit the cache) and writes the
-input gradient and per-image kernel- and bias-gradient partials in the same pass. The forward
+input gradient and per-program kernel- and bias-gradient partials in the same pass. The forward
 (6.6 ms in that profile, the taps fused into the next BatchNorm's mean) writes y and, from the
-rows it holds in registers, each image's mean and sum of squared deviations, so that BatchNorm
+rows it holds in registers, its rows' mean and sum of squared deviations, so that BatchNorm
 skips both statistics passes (`ops.batch_norm_train(..., moments=...)`).
 
-Layout: one program owns (image, block of channels) and walks the H rows. Loads are power-of-two
-tiles [Wp, block] (Wp = W rounded up to a power of two) from inputs zero-padded in W only, so
-every load is in bounds (the Pallas interpreter clamps out-of-bounds loads instead of masking
-them); rows outside the image are clamped and multiplied by zero. Outputs are written at width
-Wp and sliced to W by the caller.
+Layout: one program owns (image, block of channels, chunk of rows: `LaunchConfig.rows`) and walks
+its rows. Loads and stores are power-of-two tiles [Wp, block] of a row (Wp = W rounded up to a
+power of two) whose columns outside the image are masked, so the kernels read and write the
+arrays as they are (no padded copies); rows outside the image are clamped and multiplied by zero.
+The Pallas interpreter clamps an out-of-bounds slice instead of masking it, so in interpret mode
+(the CPU tests) the inputs are zero-padded in W and the outputs sliced: the same kernel code.
 
 On GPUs the training default (`depthwise_impl='auto'`): on one H100 (2026-12-08, B, bf16, batch
 128) B's train step took 72.0 ms with these kernels against 81.3 ms with the taps VJP, at the same

@@ -211,8 +211,8 @@ class DepthwiseConv(nn.Module):
   The parameters are those of ``conv(C, K, groups=C, ...)`` (kernel [K, K, 1, C], bias [C],
   PyTorch's init); the computation is ``ops.depthwise_conv``; impl 'auto' runs the Pallas kernels
   (GPUs; the taps VJP elsewhere) in training and XLA's convolution (cuDNN on GPUs) in inference;
-  impl 'pallas' with an
-  ``epilogue`` in inference runs the conv, BatchNorm and GELU as one Pallas kernel.
+  impl 'pallas' with an ``epilogue`` in inference runs the conv, BatchNorm and GELU as one Pallas
+  kernel.
   """
 
   kernel_size: int
