@@ -209,7 +209,7 @@ case "${1:-}" in
     left=$(( ${TOTAL:-575} - $(date +%s) + start ))
     if (( left >= 40 )); then
       main_py timeout "$left" python3 docs/pending/ffn_block_variants.py --batch 128 \
-        --variants 0,5,12,11,13,14 --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
+        --variants 12,5,10 --json "$OUT/blocks.json" > "$OUT/blocks.log" 2>&1
       elapsed blocks $?
     fi
     summary "$OUT"/b_*.log
@@ -309,7 +309,7 @@ case "${1:-}" in
       --only pallas > "$OUT/check_pallas.log" 2>&1
     elapsed check_pallas $?
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-130
-    ffn_variants 200 15,5,6,7,8,9,10,11,12,13,14
+    ffn_variants 200 12,5,6,7,8,9,10,11
     SETTING=$(python3 -c "
 import json, sys
 rows = [r for r in json.load(open(sys.argv[1])) if r['variant'].get('impl') == 'pallas']

@@ -47,20 +47,16 @@ VARIANTS = [
   *(
     {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas', 'launch': launch}
     for launch in (
-      # Rows per program (session 26): one program per image and channel block walked all H
-      # rows in a dependent chain (~1,024 programs at every stage); chunks of rows give more.
-      # tile_sums: the kernel-gradient sums and moments kept as tiles, summed over W once at the
-      # end (no cross-warp reduction and barrier per sum and row); 10 tiles of accumulators, so
-      # smaller tiles or more warps.
+      # Session 26 (H100, B's 22 blocks): as they were (2048-element tiles, sums over W every row,
+      # then W-padded copies) 61.0 ms; unpadded with per-row sums 58.4-61.8 ms (rows 8 / 4 / all,
+      # 3 stages); tile sums (now the only code) with 1024-element tiles 52.5 ms, the default.
+      # Launch settings around the default:
       {'rows': 8},
       {'rows': 4},
-      {'rows': 8, 'num_stages': 3},
-      {'rows': 8, 'tile_sums': True, 'tile_elements': 1024},
-      {'rows': 4, 'tile_sums': True, 'tile_elements': 1024},
-      {'rows': 8, 'tile_sums': True, 'num_warps': 8},
-      {'rows': 8, 'tile_sums': True, 'tile_elements': 512},
-      {'rows': 8, 'tile_sums': True, 'tile_elements': 1024, 'num_stages': 2},
-      {'tile_sums': True, 'tile_elements': 1024},
+      {'num_warps': 8},
+      {'tile_elements': 512},
+      {'num_stages': 2},
+      {'tile_elements': 2048},
     )
   ),
   # Main's own taps VJP (ops._depthwise_taps_fwd/_bwd: y and dx behind barriers).

@@ -57,13 +57,11 @@ def _assert_matches_lax_conv(impl, x, w, b):
   return y_ref
 
 
-@pytest.mark.parametrize('rows,tile_sums', [(3, False), (2, True), (0, True)])
-def test_pallas_depthwise_kernels_split_the_rows_among_programs(monkeypatch, rows, tile_sums):
-  """`LaunchConfig.rows`: programs own chunks of 3 (or 2, or all) of the 9 (or 10) rows, their
-  sums per row or as tiles (`tile_sums`); the output, the moments and every gradient as with
-  the XLA conv (the chunks' partials merged)."""
-  launch = depthwise_pallas.LaunchConfig(rows=rows, tile_sums=tile_sums)
-  monkeypatch.setattr(depthwise_pallas, 'OVERRIDE', launch)
+@pytest.mark.parametrize('rows', [3, 2, 0])
+def test_pallas_depthwise_kernels_split_the_rows_among_programs(monkeypatch, rows):
+  """`LaunchConfig.rows`: programs own chunks of 3 (or 2, or all) of the 9 (or 10) rows; the
+  output, the moments and every gradient as with the XLA conv (the chunks' partials merged)."""
+  monkeypatch.setattr(depthwise_pallas, 'OVERRIDE', depthwise_pallas.LaunchConfig(rows=rows))
   height = 9 if rows == 3 else 10
   keys = jax.random.split(jax.random.key(rows), 3)
   x = jax.random.normal(keys[0], (2, height, 10, 16)) * 2 + 1

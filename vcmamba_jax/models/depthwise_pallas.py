@@ -44,22 +44,21 @@ class LaunchConfig:
   """tile_elements: target Wp * block of a program's tiles; num_warps: Triton warps per program;
   num_stages: Triton's software pipelining of the row loop's loads (1: none); rows: rows a
   program walks at most (the largest divisor of H up to it; 0: all H rows, one program per
-  image and channel block); tile_sums: the sums over pixels (the kernel and bias gradients, the
-  moments) kept as [Wp, blk] tiles summed over W once at the program's end, instead of summed
-  over W every row (a cross-warp reduction, with its barrier, per sum and row). Both kernels use
-  it.
+  image and channel block). Both kernels use it. Their sums over pixels (the kernel and bias
+  gradients, the moments) are [Wp, blk] tiles summed over W once at a program's end: summed over
+  W every row instead (a cross-warp reduction, with its barrier, per sum and row), B's FFN blocks
+  took 58.4-61.8 ms in the sweep below.
 
   The defaults won a sweep on one H100 (2026-12-08, `docs/pending/ffn_block_variants.py`, B's 22
   FFN blocks forward + backward at batch 128, bf16): 52.5 ms against 61.0 for (2048, 4 warps,
   1 stage, all rows, per-row sums) and 63.6 for the taps VJP; rows=8 53.1-54.0, rows=4 59.4,
-  8 warps 56.4, num_stages 2 54.0 (each with tile_sums).
+  8 warps 56.4, num_stages 2 54.0.
   """
 
   tile_elements: int = 1024
   num_warps: int = 4
   num_stages: int = 1
   rows: int = 0
-  tile_sums: bool = True
 
 
 # Set by benchmarks to time another launch configuration (None: the defaults).
@@ -120,12 +119,11 @@ def _store_row(ref, row, value, *, width, width_p):
   plgpu.store(ref.at[row, pl.ds(0, width_p), :], value.astype(ref.dtype), mask=mask)
 
 
-def _bwd_kernel(
-  x_ref, g_ref, k_ref, dx_ref, dk_ref, *, height, width, width_p, ksize, rows, col0, tile_sums
-):
+def _bwd_kernel(x_ref, g_ref, k_ref, dx_ref, dk_ref, *, height, width, width_p, ksize, rows, col0):
   """x_ref, g_ref [H, W', blk] (x and g; image column c at column c + col0); k_ref [K*K, blk]
   -> dx_ref [rows, W'', blk] (the program's rows), dk_ref [K*K + 1, blk] float32: the
-  kernel-gradient partials of those rows, then their bias-gradient partial (the sum of g)."""
+  kernel-gradient partials of those rows, then their bias-gradient partial (the sum of g),
+  accumulated as [Wp, blk] tiles and summed over W at the end."""
   from jax.experimental import pallas as pl
 
   f32 = jnp.float32
@@ -155,19 +153,18 @@ def _bwd_kernel(
       for dj in range(ksize):
         t = di * ksize + dj
         xs = load(x_ref, x_row, dj - pad)  # x[r, w + dj - p]
-        product = xs * g_row if tile_sums else jnp.sum(xs * g_row, axis=0)
-        acc[t] = jnp.where(x_ok, acc[t] + product, acc[t])
+        acc[t] = jnp.where(x_ok, acc[t] + xs * g_row, acc[t])
         gs = load(g_ref, g_row_q, pad - dj)  # g[q, w - dj + p]
         term = jnp.where(g_ok, gs * kern[t][None, :], 0.0)
         dx = term if dx is None else dx + term
     _store_row(dx_ref, i, dx, width=width, width_p=width_p)
-    acc[taps] = acc[taps] + (g_row if tile_sums else jnp.sum(g_row, axis=0))
+    acc[taps] = acc[taps] + g_row
     return tuple(acc)
 
-  zeros = jnp.zeros((width_p, *kern[0].shape) if tile_sums else kern[0].shape, f32)
+  zeros = jnp.zeros((width_p, *kern[0].shape), f32)
   acc = jax.lax.fori_loop(0, rows, row, (zeros,) * (taps + 1))
   for t in range(taps + 1):
-    dk_ref[t, :] = jnp.sum(acc[t], axis=0) if tile_sums else acc[t]
+    dk_ref[t, :] = jnp.sum(acc[t], axis=0)
 
 
 def _row_call(body, x, ksize, images, per_channel, partial_rows, interpret):
@@ -206,7 +203,6 @@ def _row_call(body, x, ksize, images, per_channel, partial_rows, interpret):
     ksize=ksize,
     rows=rows,
     col0=col0,
-    tile_sums=launch.tile_sums,
   )
 
   def call(*operands):  # on each device's images under a mesh (sharding.per_device)
@@ -257,13 +253,13 @@ def depthwise_backward(
 
 
 def _fwd_kernel(
-  x_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize, rows, col0, tile_sums
+  x_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize, rows, col0
 ):
   """x_ref [H, W', blk] (image column c at column c + col0), k_ref [K*K, blk], b_ref [1, blk]
   -> y_ref [rows, W'', blk] (the program's rows) and stats_ref [2, blk]: the mean and sum of
   squared deviations of y over those rows' pixels (float32, with the accuracy of a two-pass
-  variance: rows merged with Chan's formula; with tile_sums, Welford's update per column over
-  the rows, then the columns merged with Chan's formula)."""
+  variance: Welford's update per column over the rows, then the columns merged with Chan's
+  formula)."""
   from jax.experimental import pallas as pl
 
   f32 = jnp.float32
@@ -291,27 +287,18 @@ def _fwd_kernel(
     # As ops.depthwise_conv's taps: the bias added in float32, one rounding.
     y = (acc + bias[None, :]).astype(y_ref.dtype)
     _store_row(y_ref, i, y, width=width, width_p=width_p)
-    if tile_sums:  # columns >= W hold the bias only; they leave in the merge below
-      delta = y.astype(f32) - mean
-      mean = mean + delta * (1.0 / (i + 1).astype(f32))
-      return mean, m2 + delta * (y.astype(f32) - mean)
-    yf = jnp.where(valid, y.astype(f32), 0.0)
-    row_mean = jnp.sum(yf, axis=0) / width
-    row_m2 = jnp.sum(jnp.where(valid, jnp.square(yf - row_mean[None, :]), 0.0), axis=0)
-    seen = (i * width).astype(f32)
-    total = seen + width
-    delta = row_mean - mean
-    mean = mean + delta * (width / total)
-    m2 = m2 + row_m2 + jnp.square(delta) * (seen * width / total)
+    # Welford per column; columns >= W hold the bias only: they leave in the merge below.
+    delta = y.astype(f32) - mean
+    mean = mean + delta * (1.0 / (i + 1).astype(f32))
+    m2 = m2 + delta * (y.astype(f32) - mean)
     return mean, m2
 
-  zeros = jnp.zeros((width_p, *bias.shape) if tile_sums else bias.shape, f32)
-  mean, m2 = jax.lax.fori_loop(0, rows, row, (zeros, zeros))
-  if tile_sums:  # Chan's merge of the W columns' moments (each over `rows` pixels)
-    column_mean = mean
-    mean = jnp.sum(jnp.where(valid, column_mean, 0.0), axis=0) / width
-    spread = jnp.where(valid, jnp.square(column_mean - mean[None, :]), 0.0)
-    m2 = jnp.sum(jnp.where(valid, m2, 0.0), axis=0) + rows * jnp.sum(spread, axis=0)
+  zeros = jnp.zeros((width_p, *bias.shape), f32)
+  column_mean, column_m2 = jax.lax.fori_loop(0, rows, row, (zeros, zeros))
+  # Chan's merge of the W columns' moments (each over `rows` pixels).
+  mean = jnp.sum(jnp.where(valid, column_mean, 0.0), axis=0) / width
+  spread = jnp.where(valid, jnp.square(column_mean - mean[None, :]), 0.0)
+  m2 = jnp.sum(jnp.where(valid, column_m2, 0.0), axis=0) + rows * jnp.sum(spread, axis=0)
   stats_ref[0, :] = mean
   stats_ref[1, :] = m2
 
