@@ -11,6 +11,8 @@ Checked (fresh random inputs each, forward and gradients of every input, float32
   every stage);
 - `ops.batch_norm_train` (hand-written VJP, fused GELU) against autodiff of the plain formula,
   alone and fed the Pallas conv's moments (the Mlp's mid conv + mid_norm with impl 'pallas');
+- `ops.bn_gelu_depthwise_train` with `ops.FUSE_BN_BACKWARD` (norm1's backward sums in the
+  conv's backward kernel) against autodiff of fc1's bias + BatchNorm + GELU, then `lax.conv`;
 - the train state's init drawn with JAX's threefry GPU kernel (as `init_sharded` does on GPUs)
   against XLA's threefry: bitwise equal.
 Error = max |fast - ref| / max |ref| per output; bounds: 1e-5 (float32; 5e-3 with TF32 matmuls
@@ -190,6 +192,38 @@ def cases(model: str, batch: int, length: int, dtype, seed: int):
       (0, 1, 3),  # not the conv's bias: it feeds the BatchNorm, its exact gradient is 0
     )
   )
+
+  # The Mlp's fc1 bias + norm1 + GELU -> mid conv with `ops.FUSE_BN_BACKWARD`: norm1's backward
+  # sums from the conv's backward kernel, on every stage's grid.
+  def fused_bn_conv(z, s, w, zb, b):
+    previous, ops.FUSE_BN_BACKWARD = ops.FUSE_BN_BACKWARD, True
+    try:
+      moments = ops.batch_moments(z + zb.astype(z.dtype))
+      bn = ops.TrainBatchNorm(s, 0.1 * b, moments, 1e-5, 'gelu', input_bias=zb)
+      return ops.bn_gelu_depthwise_train(z, bn, w, b, impl='pallas')[0]
+    finally:
+      ops.FUSE_BN_BACKWARD = previous
+
+  def unfused_bn_conv(z, s, w, zb, b):
+    return ref_depthwise(bn_plain(z + zb.astype(z.dtype), s, 0.1 * b), w, b)
+
+  for i, (_, grid, channels) in enumerate(shapes[1:]):
+    keys = jax.random.split(jax.random.key(seed * 10_000 + i), 5)
+    z = (jax.random.normal(keys[0], (batch, grid, grid, channels)) * 2 + 0.5).astype(dtype)
+    s = 1 + 0.1 * jax.random.normal(keys[1], (channels,))
+    w = jax.random.normal(keys[2], (3, 3, 1, channels)) * 0.2
+    zb = 0.3 * jax.random.normal(keys[3], (channels,))
+    b = jax.random.normal(keys[4], (channels,))
+    out.append(
+      (
+        f'bias+norm1+gelu -> depthwise 3x3 pallas, fused bn backward vs lax.conv '
+        f'{grid}x{grid}x{channels}',
+        fused_bn_conv,
+        unfused_bn_conv,
+        (z, s, w, zb, b),
+        (0, 1, 2, 4),  # not fc1's bias: it feeds the BatchNorm, its exact gradient is 0
+      )
+    )
   return out
 
 

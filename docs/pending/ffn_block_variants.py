@@ -61,6 +61,19 @@ VARIANTS = [
   ),
   # Main's own taps VJP (ops._depthwise_taps_fwd/_bwd: y and dx behind barriers).
   {'dk': 'sep', 'bar_dx': True, 'bar_y': True, 'main': True},
+  # Session 27: norm1's backward sums in the conv's backward kernel (ops.FUSE_BN_BACKWARD), at
+  # the default launch, then with 8 warps for the backward kernel (no spills), then main's
+  # unfused path with 8 backward warps (does the warp count alone change anything?).
+  {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas', 'fuse_bn': True},
+  {
+    'dk': 'sep',
+    'bar_dx': False,
+    'bar_y': False,
+    'impl': 'pallas',
+    'fuse_bn': True,
+    'launch': {'bwd_num_warps': 8},
+  },
+  {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas', 'launch': {'bwd_num_warps': 8}},
 ]
 
 
@@ -107,10 +120,11 @@ def use_variant(variant: dict) -> None:
     ops._depthwise_taps.defvjp(fwd, bwd)
   launch = variant.get('launch')
   depthwise_pallas.OVERRIDE = depthwise_pallas.LaunchConfig(**launch) if launch else None
+  ops.FUSE_BN_BACKWARD = variant.get('fuse_bn', False)
 
 
-def time_block(width: int, grid: int, batch: int, impl: str, repeats: int = 20):
-  block = layers.FFNBlock(dtype=jnp.bfloat16, depthwise_impl=impl)
+def time_block(width: int, grid: int, batch: int, impl: str, remat: str, repeats: int = 20):
+  block = layers.FFNBlock(dtype=jnp.bfloat16, depthwise_impl=impl, remat_mlp=remat)
   x = jax.random.normal(jax.random.key(0), (batch, grid, grid, width), jnp.bfloat16)
   variables = block.init(jax.random.key(1), x[:2], train=True)
 
@@ -149,6 +163,9 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--json', default=None)
   parser.add_argument('--variants', default='', help='indices into VARIANTS, e.g. 0,5 (all)')
+  parser.add_argument(
+    '--remat_mlp', default='none', help="the blocks' remat_mlp (the model's default: fc2_input)"
+  )
   args = parser.parse_args()
   chosen = [int(i) for i in args.variants.split(',') if i] or range(len(VARIANTS))
   print(jax.devices()[0].device_kind, 'batch', args.batch, flush=True)
@@ -158,7 +175,8 @@ def main() -> None:
     row = {'variant': variant, 'ms': {}, 'rel_err': {}, 'compile_s': {}}
     for width, grid in STAGES:
       key = f'{grid}x{grid}x{width}'
-      ms, compile_s, grads = time_block(width, grid, args.batch, variant.get('impl', 'taps'))
+      impl = variant.get('impl', 'taps')
+      ms, compile_s, grads = time_block(width, grid, args.batch, impl, args.remat_mlp)
       refs.setdefault(key, grads)
       row['ms'][key] = round(ms, 3)
       row['rel_err'][key] = float(f'{_rel_err(grads, refs[key]):.2e}')

@@ -1,9 +1,11 @@
 """Runs a script with a Pallas kernel's launch settings fixed: the fused scan's
 (`scan_pallas.OVERRIDE`, a `KernelConfig`) or, with --depthwise first, the depthwise conv's
-(`depthwise_pallas.OVERRIDE`, a `LaunchConfig`).
+(`depthwise_pallas.OVERRIDE`, a `LaunchConfig`). A leading --fuse_bn_backward also sets
+`ops.FUSE_BN_BACKWARD` (norm1's backward sums in the depthwise conv's backward kernel).
 
 python docs/pending/run_with_kernel_config.py '{"group": 1}' scripts/benchmark.py --config=...
 python docs/pending/run_with_kernel_config.py --depthwise '{"rows": 8}' scripts/benchmark.py ...
+python docs/pending/run_with_kernel_config.py --fuse_bn_backward --depthwise '{}' scripts/...
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import json
 import runpy
 import sys
 
-from vcmamba_jax.models import depthwise_pallas, scan_pallas
+from vcmamba_jax.models import depthwise_pallas, ops, scan_pallas
 
 if __name__ == '__main__':
   args = sys.argv[1:]
+  if args[0] == '--fuse_bn_backward':
+    ops.FUSE_BN_BACKWARD = True
+    args = args[1:]
   depthwise = args[0] == '--depthwise'
   setting, script, *rest = args[1:] if depthwise else args
   if depthwise:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -78,14 +79,16 @@ def test_pallas_depthwise_kernels_split_the_rows_among_programs(monkeypatch, row
 def test_pallas_depthwise_kernels_lower_to_triton_at_the_b_shapes(kernel, grid, channels):
   # No GPU here: a CUDA cross-lowering runs Pallas's Triton lowering (power-of-two tiles, ops
   # that Triton has), which the interpreter does not. The Mlp's 3x3 of stage 1 and the mixer's
-  # 7x7 at batch 128: the forward (with the moments) and the backward kernel.
+  # 7x7 at batch 128: the forward (with the moments) and the backward kernel (also with
+  # BatchNorm's sums), and the inference kernel.
   x = jax.ShapeDtypeStruct((128, grid, grid, channels), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((kernel, kernel, channels), jnp.bfloat16)
   b = jax.ShapeDtypeStruct((channels,), jnp.float32)
-  p = jax.ShapeDtypeStruct((4, channels), jnp.float32)
+  p, p5 = (jax.ShapeDtypeStruct((rows, channels), jnp.float32) for rows in (4, 5))
   for fn, args in [
     (lambda x, k, b: depthwise_pallas.depthwise_forward(x, k, b), (x, k, b)),
     (lambda x, g, k: depthwise_pallas.depthwise_backward(x, g, k), (x, x, k)),
+    (lambda x, g, k, p: depthwise_pallas.depthwise_backward(x, g, k, bn=(x, p)), (x, x, k, p5)),
     (lambda x, k, p: depthwise_pallas.depthwise_bn_gelu(x, k, p), (x, k, p)),
   ]:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
@@ -123,10 +126,14 @@ def test_pallas_depthwise_forward_gives_the_moments_batch_norm_would_compute(dty
   assert ops.depthwise_conv_with_moments(x, w, b, impl='taps')[1] is None
 
 
-def test_mlp_with_the_pallas_depthwise_trains_as_with_taps():
+@pytest.mark.parametrize('fuse_bn_backward', [False, True])
+def test_mlp_with_the_pallas_depthwise_trains_as_with_taps(monkeypatch, fuse_bn_backward):
   """The FFN with impl 'pallas' (Pallas conv forward and backward, its moments replacing
-  mid_norm's statistics passes) against 'taps': output, every gradient and the running stats."""
+  mid_norm's statistics passes; with `ops.FUSE_BN_BACKWARD` also norm1's backward sums) against
+  'taps': output, every gradient and the running stats."""
   from vcmamba_jax.models.layers import Mlp
+
+  monkeypatch.setattr(ops, 'FUSE_BN_BACKWARD', fuse_bn_backward)
 
   x = jax.random.normal(jax.random.key(1), (2, 6, 7, 8))
   variables = Mlp(16).init(jax.random.key(0), x, train=False)
@@ -154,6 +161,116 @@ def test_mlp_with_the_pallas_depthwise_trains_as_with_taps():
       a,
       r,
     )
+
+
+@pytest.fixture
+def fused_bn_backward(monkeypatch):
+  monkeypatch.setattr(ops, 'FUSE_BN_BACKWARD', True)
+
+
+@pytest.mark.usefixtures('fused_bn_backward')
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_bn_gelu_depthwise_sums_batch_norms_gradients_in_the_conv_backward(dtype):
+  """impl 'pallas' of the Mlp's middle (norm1's sums from the conv's backward kernel, then one
+  elementwise pass) against 'taps' (BatchNorm's own VJP, then the taps conv): output, moments
+  and the gradients of z, BatchNorm's scale and bias, the kernel and the conv's bias. W = 10
+  pads to 16 columns (masked out of the sums); z's mean is far from 0; in bfloat16 the sums
+  must see dx as stored, as the elementwise pass does. z is a matmul's output before its
+  bias (`input_bias`), which both add in z's dtype."""
+  keys = jax.random.split(jax.random.key(11), 6)
+  z = (jax.random.normal(keys[0], (2, 9, 10, 16)) * 2 + 3).astype(dtype)
+  scale = 1 + 0.3 * jax.random.normal(keys[1], (16,))
+  bias = 0.5 * jax.random.normal(keys[2], (16,))
+  w = jax.random.normal(keys[3], (3, 3, 1, 16))
+  b = jax.random.normal(keys[4], (16,))
+  z_bias = 0.5 * jax.random.normal(keys[5], (16,))
+
+  def fn(impl):
+    def run(z, z_bias, scale, bias, w, b):
+      moments = ops.batch_moments(z + z_bias.astype(z.dtype))
+      bn = ops.TrainBatchNorm(scale, bias, moments, 1e-5, 'gelu', input_bias=z_bias)
+      return ops.bn_gelu_depthwise_train(z, bn, w, b, impl=impl)[0].astype(jnp.float32)
+
+    return run
+
+  args = (z, z_bias, scale, bias, w, b)
+  got_y, got = _value_and_grads(fn('pallas'), args)
+  want_y, want = _value_and_grads(fn('taps'), args)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(got_y, want_y, rtol=tol, atol=tol)
+  # The input bias feeds BatchNorm: its exact gradient is 0 and both compute float noise, so
+  # the absolute bound scales with the largest gradient.
+  atol = tol * max(float(jnp.abs(r.astype(jnp.float32)).max()) for r in want)
+  names = ['z', 'input bias', 'scale', 'bias', 'kernel', 'conv bias']
+  for name, a, r in zip(names, got, want):
+    a, r = a.astype(jnp.float32), r.astype(jnp.float32)
+    np.testing.assert_allclose(a, r, rtol=tol, atol=atol, err_msg=name)
+  biased = z + z_bias.astype(dtype)
+  mean, var = ops.batch_moments(biased)
+  bn = ops.TrainBatchNorm(scale, bias, (mean, var), 1e-5, 'gelu', input_bias=z_bias)
+  _, moments = ops.bn_gelu_depthwise_train(z, bn, w, b, impl='pallas')
+  ref = ops.batch_moments(
+    ops.depthwise_conv(
+      ops.batch_norm_train(biased, scale, bias, 1e-5, 'gelu', (mean, var))[0], w, b, impl='taps'
+    )
+  )
+  for a, r in zip(moments, ref):
+    np.testing.assert_allclose(a, r, rtol=max(tol, 1e-5), atol=1e-5)
+  with pytest.raises(ValueError, match="activation must be 'gelu'"):
+    ops.bn_gelu_depthwise_train(z, bn._replace(activation='relu'), w, b, impl='pallas')
+
+
+def test_pallas_depthwise_backwards_bn_sums_are_batch_norms_sums():
+  """The backward kernel's two BatchNorm sums, exactly what `_bn_backward` sums (float32)."""
+  keys = jax.random.split(jax.random.key(12), 4)
+  x, g, z = (jax.random.normal(k, (2, 7, 10, 16)) for k in keys[:3])
+  k = jax.random.normal(keys[3], (3, 3, 16))
+  mean, rstd = jnp.full((16,), 0.2), jnp.full((16,), 1.5)
+  scale, bias = jnp.linspace(0.5, 1.5, 16), jnp.linspace(-1, 1, 16)
+  z_bias = jnp.linspace(-0.3, 0.4, 16)
+  params = jnp.stack([mean, rstd, scale, bias, z_bias])
+  dx, _, _, dbias, dscale = depthwise_pallas.depthwise_backward(
+    x, g, k, bn=(z, params), interpret=True
+  )
+  zhat = (z + z_bias - mean) * rstd
+  dz = dx * ops._activation_grad(zhat * scale + bias, 'gelu')
+  np.testing.assert_allclose(dbias, dz.sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dscale, (dz * zhat).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+  dx_plain = depthwise_pallas.depthwise_backward(x, g, k, interpret=True)[0]
+  np.testing.assert_array_equal(dx, dx_plain)
+
+
+@pytest.mark.usefixtures('fused_bn_backward')
+def test_mlp_under_remat_keeps_what_it_kept_before_the_fused_backward():
+  """FFNBlock with remat_mlp 'fc2_input' (the default): 'pallas' (norm1 inside the conv's custom
+  VJP) saves the same residuals as 'taps' (its conv input among them), trains to the same
+  gradients; with 'all', one hidden-width residual fewer in both."""
+  from vcmamba_jax.models.layers import FFNBlock
+
+  x = jax.random.normal(jax.random.key(1), (2, 6, 7, 8))
+  variables = FFNBlock(mlp_ratio=2.0).init(jax.random.key(0), x, train=False)
+
+  def loss(impl, remat, params):
+    y, _ = FFNBlock(mlp_ratio=2.0, depthwise_impl=impl, remat_mlp=remat).apply(
+      {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+    )
+    return jnp.sum(y * jnp.cos(y))
+
+  def hidden_residuals(impl, remat):  # what the backward pass keeps: the VJP's closure
+    vjp = lambda p: jax.vjp(functools.partial(loss, impl, remat), p)[1]
+    kept = jax.tree.leaves(jax.eval_shape(vjp, variables['params']))
+    return sorted(str(a.dtype) for a in kept if a.shape == (2, 6, 7, 16))
+
+  for remat in ('fc2_input', 'all'):
+    assert hidden_residuals('pallas', remat) == hidden_residuals('taps', remat)
+  assert len(hidden_residuals('taps', 'fc2_input')) == len(hidden_residuals('taps', 'all')) + 1
+  with jax.default_matmul_precision('highest'):
+    got, want = (
+      jax.jit(jax.grad(functools.partial(loss, impl, 'fc2_input')))(variables['params'])
+      for impl in ('pallas', 'taps')
+    )
+  atol = 1e-5 * max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(want))
+  jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-4, atol=atol), got, want)
 
 
 def test_the_pallas_depthwise_probe_runs_while_a_model_is_being_traced():

@@ -40,6 +40,9 @@ def test_categories_of_known_kernels():
   )
   assert cat('nvjet_sm90_tst_176x128_64x5_1x2_h_bz_TTN', 'custom-call', 'a/dot_general') == 'matmul'
   assert cat('_bwd_kernel', 'custom-call', 'a/pallas_call') == 'scan (pallas)'
+  assert cat('_depthwise_bwd_kernel', 'custom-call', 'a/mid/pallas_call') == (
+    'depthwise conv (pallas)'
+  )
   assert cat('wrapped_scatter', 'scatter', 'a') == 'gather/scatter'
   assert cat('input_reduce_fusion_140', 'fusion', 'a') == 'reduction fusion'
   assert cat('loop_multiply_fusion_11', 'fusion', 'a') == 'elementwise fusion'

@@ -53,12 +53,17 @@ class LaunchConfig:
   FFN blocks forward + backward at batch 128, bf16): 52.5 ms against 61.0 for (2048, 4 warps,
   1 stage, all rows, per-row sums) and 63.6 for the taps VJP; rows=8 53.1-54.0, rows=4 59.4,
   8 warps 56.4, num_stages 2 54.0.
+
+  bwd_num_warps: with BatchNorm's sums (`depthwise_backward(bn=...)`) the backward kernel at B's
+  3x3 shapes needs 255 registers and spills 192 bytes with 4 warps, 195 registers and no
+  spills with 8 (deviceless `ptxas -v`, sm_90a); not yet timed.
   """
 
   tile_elements: int = 1024
   num_warps: int = 4
   num_stages: int = 1
   rows: int = 0
+  bwd_num_warps: int = 0  # the backward kernel's warps (0: num_warps)
 
 
 # Set by benchmarks to time another launch configuration (None: the defaults).
@@ -119,13 +124,21 @@ def _store_row(ref, row, value, *, width, width_p):
   plgpu.store(ref.at[row, pl.ds(0, width_p), :], value.astype(ref.dtype), mask=mask)
 
 
-def _bwd_kernel(x_ref, g_ref, k_ref, dx_ref, dk_ref, *, height, width, width_p, ksize, rows, col0):
-  """x_ref, g_ref [H, W', blk] (x and g; image column c at column c + col0); k_ref [K*K, blk]
-  -> dx_ref [rows, W'', blk] (the program's rows), dk_ref [K*K + 1, blk] float32: the
-  kernel-gradient partials of those rows, then their bias-gradient partial (the sum of g),
-  accumulated as [Wp, blk] tiles and summed over W at the end."""
+def _depthwise_bwd_kernel(*refs, height, width, width_p, ksize, rows, col0, bn):
+  """x_ref, g_ref [H, W', blk] (x and g; image column c at column c + col0); with `bn` also
+  z_ref [H, W', blk] (the input of the train-mode BatchNorm + GELU that gave x, before a bias)
+  and, after k_ref [K*K, blk], p_ref [5, blk] (its mean, rstd, scale, bias and the input's
+  bias) -> dx_ref [rows, W'', blk]
+  (the program's rows), dk_ref [K*K + 1 (+ 2 with bn), blk] float32: the kernel-gradient
+  partials of those rows, their bias-gradient partial (the sum of g), and with `bn` the
+  partials of BatchNorm's two backward sums (of dz and dz * zhat, dz = dx as stored times
+  GELU'), all accumulated as [Wp, blk] tiles and summed over W at the end."""
   from jax.experimental import pallas as pl
 
+  if bn:
+    x_ref, g_ref, z_ref, k_ref, p_ref, dx_ref, dk_ref = refs
+  else:
+    x_ref, g_ref, k_ref, dx_ref, dk_ref = refs
   f32 = jnp.float32
   pad = ksize // 2
   taps = ksize * ksize
@@ -135,6 +148,9 @@ def _bwd_kernel(x_ref, g_ref, k_ref, dx_ref, dk_ref, *, height, width, width_p, 
   # start at -1 or end past W, so col0 is made a traced value (0 * a program id; Triton folds it).
   col0 = col0 + 0 * pl.program_id(0)
   load = functools.partial(_load_row, width=width, width_p=width_p, col0=col0)
+  if bn:
+    mean, rstd, scale, shift, z_bias = (p_ref[i, :][None, :] for i in range(5))
+    valid = jax.lax.broadcasted_iota(jnp.int32, (width_p, 1), 0) < width
 
   def row(i, acc):
     h = first + i
@@ -159,18 +175,27 @@ def _bwd_kernel(x_ref, g_ref, k_ref, dx_ref, dk_ref, *, height, width, width_p, 
         dx = term if dx is None else dx + term
     _store_row(dx_ref, i, dx, width=width, width_p=width_p)
     acc[taps] = acc[taps] + g_row
+    if bn:  # BatchNorm's sums, from dx as stored (what its dz pass reads back)
+      # z + its bias rounded to z's dtype (as XLA's add in that dtype), then normalised.
+      z = (load(z_ref, h, 0) + z_bias).astype(z_ref.dtype).astype(f32)
+      zhat = (z - mean) * rstd
+      dz = dx.astype(dx_ref.dtype).astype(f32) * gelu_grad_in_kernel(zhat * scale + shift)
+      dz = jnp.where(valid, dz, 0.0)  # columns >= W: dx there is not the image's
+      acc[taps + 1] = acc[taps + 1] + dz
+      acc[taps + 2] = acc[taps + 2] + dz * zhat
     return tuple(acc)
 
   zeros = jnp.zeros((width_p, *kern[0].shape), f32)
-  acc = jax.lax.fori_loop(0, rows, row, (zeros,) * (taps + 1))
-  for t in range(taps + 1):
+  sums = taps + (3 if bn else 1)
+  acc = jax.lax.fori_loop(0, rows, row, (zeros,) * sums)
+  for t in range(sums):
     dk_ref[t, :] = jnp.sum(acc[t], axis=0)
 
 
-def _row_call(body, x, ksize, images, per_channel, partial_rows, interpret):
+def _row_call(body, x, ksize, images, per_channel, partial_rows, interpret, num_warps=0):
   """Runs a kernel `body` on the grid (image, channel block, chunk of rows), each program walking
   its chunk's rows (`LaunchConfig.rows`) in [Wp, blk] tiles of a row (Wp = W rounded up to a
-  power of two).
+  power of two), with `num_warps` warps (0: `LaunchConfig.num_warps`).
 
   `images`: [B, H, W, C] inputs, whole images per program (it reads the rows around its chunk);
   `per_channel`: [R, C] inputs, whole rows of the program's channels. Returns the [B, H, W, C]
@@ -222,7 +247,7 @@ def _row_call(body, x, ksize, images, per_channel, partial_rows, interpret):
       ),
       compiler_params=None
       if interpret
-      else pallas_gpu.compiler_params(launch.num_warps, launch.num_stages),
+      else pallas_gpu.compiler_params(num_warps or launch.num_warps, launch.num_stages),
       interpret=interpret,
     )(*operands)
 
@@ -233,26 +258,44 @@ def _row_call(body, x, ksize, images, per_channel, partial_rows, interpret):
 
 
 def depthwise_backward(
-  x: jax.Array, g: jax.Array, kernel: jax.Array, *, interpret: bool = False
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+  x: jax.Array,
+  g: jax.Array,
+  kernel: jax.Array,
+  *,
+  bn: tuple[jax.Array, jax.Array] | None = None,
+  interpret: bool = False,
+) -> tuple[jax.Array, ...]:
   """Gradients of y = correlate(x, kernel) + bias (stride 1, zero padding K//2, NHWC).
 
   Args:
     x: [B, H, W, C] the conv's input.
     g: [B, H, W, C] the gradient of its output.
     kernel: [K, K, C], K odd.
+    bn: where x = GELU(BatchNorm(z + b)) in train mode: (z [B, H, W, C], [5, C] float32: the
+      batch mean, rstd = rsqrt(var + eps), scale and bias, and b); the kernel then also gives
+      BatchNorm's backward sums, reading z once (`ops.bn_gelu_depthwise_train`).
     interpret: run in the Pallas interpreter (any backend; for tests).
   Returns:
-    (dx [B, H, W, C] in x's dtype, dkernel [K, K, C] float32, dbias [C] float32).
+    (dx [B, H, W, C] in x's dtype, dkernel [K, K, C] float32, dbias [C] float32), and with `bn`
+    the sums over pixels of dz and dz * zhat [C] float32, where zhat = (z + b - mean) * rstd
+    (z + b rounded to z's dtype) and dz = dx (rounded to x's dtype) * GELU'(zhat * scale + bias).
   """
   ksize, channels = kernel.shape[0], x.shape[-1]
   taps = kernel.reshape(ksize * ksize, channels)
-  dx, dk = _row_call(_bwd_kernel, x, ksize, (x, g), (taps,), ksize * ksize + 1, interpret)
+  images, per_channel = (x, g), (taps,)
+  if bn is not None:
+    images, per_channel = (x, g, bn[0]), (taps, bn[1].astype(jnp.float32))
+  body = functools.partial(_depthwise_bwd_kernel, bn=bn is not None)
+  partial_rows = ksize * ksize + (3 if bn is not None else 1)
+  warps = launch_config().bwd_num_warps
+  dx, dk = _row_call(body, x, ksize, images, per_channel, partial_rows, interpret, warps)
   sums = dk.sum(axis=(0, 1))
-  return dx, sums[:-1].reshape(ksize, ksize, channels), sums[-1]
+  dkernel = sums[: ksize * ksize].reshape(ksize, ksize, channels)
+  out = (dx, dkernel, sums[ksize * ksize])
+  return out if bn is None else (*out, sums[-2], sums[-1])
 
 
-def _fwd_kernel(
+def _depthwise_fwd_kernel(
   x_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize, rows, col0
 ):
   """x_ref [H, W', blk] (image column c at column c + col0), k_ref [K*K, blk], b_ref [1, blk]
@@ -320,7 +363,7 @@ def depthwise_forward(
   batch, height, width, channels = x.shape
   ksize = kernel.shape[0]
   per_channel = (kernel.reshape(ksize * ksize, channels), bias.reshape(1, channels))
-  y, stats = _row_call(_fwd_kernel, x, ksize, (x,), per_channel, 2, interpret)
+  y, stats = _row_call(_depthwise_fwd_kernel, x, ksize, (x,), per_channel, 2, interpret)
   # Merge the programs' moments (each over the same number of pixels) with Chan's formula.
   part_mean, part_m2 = stats[:, :, 0].reshape(-1, channels), stats[:, :, 1].reshape(-1, channels)
   mean = part_mean.mean(axis=0)
@@ -372,15 +415,28 @@ _ERFC_P = 0.3275911
 _ERFC_C = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
-def gelu_in_kernel(z: jax.Array) -> jax.Array:
-  """Exact GELU z * Phi(z) of a float32 array, to 1e-7 of Phi, from ops Triton lowers."""
+def _phi_and_pdf(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The standard normal CDF Phi(z) (to 1e-7) and density of a float32 array."""
   u = jnp.abs(z) * np.float32(1.0 / np.sqrt(2.0))
   t = 1.0 / (1.0 + _ERFC_P * u)
   poly = _ERFC_C[-1]
   for c in reversed(_ERFC_C[:-1]):
     poly = c + t * poly
-  tail = 0.5 * t * poly * jnp.exp(-u * u)  # Q(|z|) = P(Z > |z|)
-  return z * jnp.where(z >= 0, 1.0 - tail, tail)
+  gauss = jnp.exp(-u * u)  # exp(-z^2 / 2)
+  tail = 0.5 * t * poly * gauss  # Q(|z|) = P(Z > |z|)
+  return jnp.where(z >= 0, 1.0 - tail, tail), gauss * np.float32(1.0 / np.sqrt(2.0 * np.pi))
+
+
+def gelu_in_kernel(z: jax.Array) -> jax.Array:
+  """Exact GELU z * Phi(z) of a float32 array, to 1e-7 of Phi, from ops Triton lowers."""
+  return z * _phi_and_pdf(z)[0]
+
+
+def gelu_grad_in_kernel(z: jax.Array) -> jax.Array:
+  """GELU'(z) = Phi(z) + z * pdf(z) of a float32 array (as `ops._activation_grad`), from one
+  exp and one division."""
+  phi, pdf = _phi_and_pdf(z)
+  return phi + z * pdf
 
 
 def _pow2_divisor(n: int) -> int:
@@ -398,7 +454,7 @@ def eval_tiles(
   return pixels, block
 
 
-def _eval_kernel(xp_ref, k_ref, p_ref, y_ref, *, width, ksize, pixels, steps):
+def _depthwise_eval_kernel(xp_ref, k_ref, p_ref, y_ref, *, width, ksize, pixels, steps):
   """xp_ref [H*W + 2f, blk]: x flattened over (H, W) with f = p*W + p zero pixels before and
   after (so every tap's load is in bounds, and rows outside the image read zeros); k_ref
   [K*K, blk]; p_ref [4, blk] float32: conv bias, BatchNorm's running mean, scale * rsqrt(var +
@@ -471,7 +527,9 @@ def depthwise_bn_gelu(
 
   def call(flat, taps, params):  # on each device's images under a mesh (sharding.per_device)
     return pl.pallas_call(
-      functools.partial(_eval_kernel, width=width, ksize=ksize, pixels=pixels, steps=hw // pixels),
+      functools.partial(
+        _depthwise_eval_kernel, width=width, ksize=ksize, pixels=pixels, steps=hw // pixels
+      ),
       out_shape=jax.ShapeDtypeStruct((flat.shape[0], hw, channels), x.dtype),
       grid=(flat.shape[0], channels // block),
       in_specs=[

@@ -69,8 +69,15 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, train: bool, moments: tuple[jax.Array, jax.Array] | None = None
-  ) -> jax.Array:
+    self,
+    x: jax.Array,
+    train: bool,
+    moments: tuple[jax.Array, jax.Array] | None = None,
+    normalize: bool = True,
+  ) -> jax.Array | ops.TrainBatchNorm:
+    """``normalize=False`` (train mode): the running statistics are updated as always, but x
+    is not normalised; returns what a following op needs to apply this BatchNorm itself
+    (``ops.TrainBatchNorm``: e.g. `DepthwiseConv(prologue=...)`)."""
     features = x.shape[-1]
     f32 = jnp.float32
     scale = self.param('scale', self.scale_init, (features,), f32)
@@ -78,13 +85,17 @@ class BatchNorm(nn.Module):
     running_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), f32))
     running_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), f32))
     if train:
-      y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.activation, moments)
+      if normalize:
+        y, mean, var = ops.batch_norm_train(x, scale, bias, self.epsilon, self.activation, moments)
+      else:
+        mean, var = ops.batch_moments(x) if moments is None else moments
+        y = ops.TrainBatchNorm(scale, bias, (mean, var), self.epsilon, self.activation)
       if not self.is_initializing():
         count = math.prod(x.shape[:-1])
         unbiased = var * (count / max(count - 1, 1))
         running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
         running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
-      return y.astype(self.dtype)
+      return y.astype(self.dtype) if normalize else y
     affine = self._affine(scale, bias, running_mean.value, running_var.value)
     return ops.batch_norm_eval(x, *affine, self.activation, self.dtype)
 
@@ -160,7 +171,9 @@ class DenseBiasAfterMatmul(nn.Module):
   save_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, split_bias: bool = False):
+    """x @ kernel + bias; with ``split_bias``, (x @ kernel, bias) in the compute dtype, for a
+    consumer that adds the bias itself (``ops.TrainBatchNorm.input_bias``)."""
     kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -169,7 +182,7 @@ class DenseBiasAfterMatmul(nn.Module):
     )
     if self.save_name is not None:
       y = checkpoint_name(y, self.save_name)
-    return y + bias
+    return (y, bias) if split_bias else y + bias
 
 
 def dense(
@@ -226,11 +239,15 @@ class DepthwiseConv(nn.Module):
     train: bool = True,
     with_moments: bool = False,
     epilogue: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    prologue: ops.TrainBatchNorm | None = None,
   ):
     """y, or (y, moments) with ``with_moments``: y's batch mean and biased variance where the
     implementation computes them in the conv's pass (impl 'pallas' in training), else None.
     In inference, ``epilogue`` (a following BatchNorm's `eval_affine()`): GELU(BatchNorm(y)),
-    in one Pallas kernel with impl 'pallas' (`ops.depthwise_conv_bn_gelu`)."""
+    in one Pallas kernel with impl 'pallas' (`ops.depthwise_conv_bn_gelu`). In training,
+    ``prologue`` (a preceding BatchNorm's `normalize=False` result; x is that BatchNorm's
+    input): the conv of GELU(BatchNorm(x)), whose backward kernel also sums BatchNorm's
+    gradients with impl 'pallas' (`ops.bn_gelu_depthwise_train`)."""
     channels, k = x.shape[-1], self.kernel_size
     init = torch_default_init(k * k)
     kernel = self.param('kernel', init, (k, k, 1, channels), jnp.float32)
@@ -249,6 +266,11 @@ class DepthwiseConv(nn.Module):
       if train:
         raise ValueError('DepthwiseConv: epilogue is for inference (BatchNorm running statistics)')
       return ops.depthwise_conv_bn_gelu(x, kernel, bias, epilogue, impl=impl)
+    if prologue is not None:
+      if not train:
+        raise ValueError('DepthwiseConv: prologue is for training (BatchNorm batch statistics)')
+      y, moments = ops.bn_gelu_depthwise_train(x, prologue, kernel, bias, impl=impl)
+      return (y, moments) if with_moments else y
     if with_moments and train:
       return ops.depthwise_conv_with_moments(x, kernel, bias, impl=impl)
     y = ops.depthwise_conv(x, kernel, bias, impl=impl)
@@ -346,17 +368,25 @@ class Mlp(nn.Module):
       bias_after_matmul=True,
       save_name=MLP_SAVED if remat else None,
     )
-    x, moments = saved(fc1(x), tag_y=False)
-    x = BatchNorm(activation='gelu', dtype=self.dtype, name='norm1')(x, train, moments)
-    if remat and self.remat == 'fc2_input':
-      x = checkpoint_name(x, MLP_SAVED)
+    norm1 = BatchNorm(activation='gelu', dtype=self.dtype, name='norm1')
     mid = DepthwiseConv(3, impl=self.depthwise_impl, dtype=self.dtype, name='mid')
     mid_norm = BatchNorm(activation='gelu', dtype=self.dtype, name='mid_norm')
-    if train or self.is_initializing():
-      x, moments = saved(*mid(x, train, with_moments=True))
+    if train:
+      # norm1 + GELU (and fc1's bias before them) applied by the conv, whose backward kernel
+      # then also sums norm1's gradients (`ops.bn_gelu_depthwise_train`).
+      x, fc1_bias = fc1(x, split_bias=True)
+      z = x + fc1_bias  # norm1's input (XLA computes it where it is read)
+      _, moments = saved(z, tag_y=False)
+      bn = norm1(z, train, moments, normalize=False)
+      keep_conv_input = remat and self.remat == 'fc2_input'
+      bn = bn._replace(input_bias=fc1_bias, save_name=MLP_SAVED if keep_conv_input else None)
+      x, moments = saved(*mid(x, train, with_moments=True, prologue=bn))
+      x = mid_norm(x, train, moments)
+    elif self.is_initializing():
+      x, moments = mid(norm1(fc1(x), train), train, with_moments=True)
       x = mid_norm(x, train, moments)
     else:  # inference: the conv, mid_norm and GELU in one pass where the impl fuses them
-      x = mid(x, train, epilogue=mid_norm.eval_affine())
+      x = mid(norm1(fc1(x), train), train, epilogue=mid_norm.eval_affine())
     x, moments = saved(dense(features, dtype=self.dtype, name='fc2')(x))
     return BatchNorm(dtype=self.dtype, name='norm2')(x, train, moments)
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 DepthwiseImpl = Literal['auto', 'taps', 'xla', 'matmul', 'pallas']
 Activation = Literal['none', 'relu', 'gelu']
@@ -431,8 +432,10 @@ def _bn_fwd(x, scale, bias, epsilon, activation):
   return (y, mean, var), (x, scale, bias, mean, rstd)
 
 
-def _bn_backward(activation, residuals, dy):
-  """dx, dscale, dbias, xhat of y = act(BN(x)), the batch statistics' dependence on x included."""
+def _bn_backward(activation, residuals, dy, sums=None):
+  """dx, dscale, dbias, xhat of y = act(BN(x)), the batch statistics' dependence on x included.
+  ``sums``: (dbias, dscale), the two sums over pixels, where another kernel computed them
+  (`bn_gelu_depthwise_train`); then this is one elementwise pass."""
   x, scale, bias, mean, rstd = residuals
   axes = tuple(range(x.ndim - 1))
   count = math.prod(x.shape[:-1])
@@ -444,15 +447,19 @@ def _bn_backward(activation, residuals, dy):
       dz = dz * _activation_grad(xhat * scale + bias, activation)
     return xhat, dz
 
-  xhat, dz = normalized_and_dz(x)
-  # One pass over (dy, x): both sums come out of one multi-output reduction fusion.
-  dbias = jnp.sum(dz, axis=axes)
-  dscale = jnp.sum(dz * xhat, axis=axes)
-  if activation == 'gelu':
-    # XLA does not recompute an erf/exp in two kernels: given one dz, it writes dz in float32
-    # from the reduction and reads it back in the dx pass (3.3 GB a step in B's stages 1-2 at
-    # batch 128). Behind the barrier, the dx pass derives its own dz from (dy, x).
-    xhat, dz = normalized_and_dz(jax.lax.optimization_barrier(x))
+  if sums is None:
+    xhat, dz = normalized_and_dz(x)
+    # One pass over (dy, x): both sums come out of one multi-output reduction fusion.
+    dbias = jnp.sum(dz, axis=axes)
+    dscale = jnp.sum(dz * xhat, axis=axes)
+    if activation == 'gelu':
+      # XLA does not recompute an erf/exp in two kernels: given one dz, it writes dz in float32
+      # from the reduction and reads it back in the dx pass (3.3 GB a step in B's stages 1-2 at
+      # batch 128). Behind the barrier, the dx pass derives its own dz from (dy, x).
+      xhat, dz = normalized_and_dz(jax.lax.optimization_barrier(x))
+  else:
+    dbias, dscale = sums
+    xhat, dz = normalized_and_dz(x)
   dx = (scale * rstd) * (dz - (dbias + xhat * dscale) / count)
   return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype), xhat
 
@@ -491,3 +498,130 @@ def _bn_given_bwd(epsilon, activation, residuals, dy):
 
 
 _batch_norm_given_moments.defvjp(_bn_given_fwd, _bn_given_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train-mode BatchNorm + GELU, then the depthwise conv (the conv Mlp's middle)
+# ---------------------------------------------------------------------------------------------
+class TrainBatchNorm(NamedTuple):
+  """A train-mode BatchNorm (+ activation) that a following op applies itself: its affine
+  parameters [C] float32, its input's batch ``moments`` (mean, biased variance [C] float32),
+  its epsilon and activation; ``input_bias`` [C]: where the op is given a matmul's output
+  before its bias, the bias (BatchNorm's input is their sum in the op's dtype); ``save_name``:
+  the remat tag of the activated output (None: untagged)."""
+
+  scale: jax.Array
+  bias: jax.Array
+  moments: tuple[jax.Array, jax.Array]
+  epsilon: float
+  activation: Activation
+  input_bias: jax.Array | None = None
+  save_name: str | None = None
+
+
+# Whether impl 'pallas' of `bn_gelu_depthwise_train` sums BatchNorm's gradients in the conv's
+# backward kernel. Off until timed on a GPU (deviceless for an H100, B's train step at batch 128:
+# 95.1 -> 90.7 GB moved, 2,565 -> 2,433 kernels, the same memory; docs/pending/README.md);
+# benchmarks set it (docs/pending/run_with_kernel_config.py --fuse_bn_backward).
+FUSE_BN_BACKWARD = False
+
+
+def bn_gelu_depthwise_train(
+  z: jax.Array,
+  bn: TrainBatchNorm,
+  kernel: jax.Array,
+  conv_bias: jax.Array,
+  *,
+  impl: DepthwiseImpl = 'auto',
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+  """Training: y = depthwise_conv(GELU(BatchNorm(z + bn.input_bias))), BatchNorm with the
+  batch moments in ``bn`` (as ``batch_norm_train(..., moments=...)`` takes them), and y's
+  moments where the conv's implementation gives them (``depthwise_conv_with_moments``).
+
+  impl 'pallas' with FUSE_BN_BACKWARD: the conv's backward kernel also computes BatchNorm's
+  two backward sums (it reads z once more and adds the input bias itself;
+  `depthwise_pallas.depthwise_backward(bn=...)`), so that BatchNorm's backward is one
+  elementwise pass instead of a reduction over (dx, z) and that pass, and z + bias is never
+  written. Otherwise ``batch_norm_train`` then ``depthwise_conv_with_moments``.
+  ``bn.save_name``: the activation (the conv's input) is tagged with it for a remat policy.
+  Same numbers either way.
+  """
+  check_depthwise_kernel(kernel)
+  if bn.activation != 'gelu':
+    raise ValueError(
+      f"bn_gelu_depthwise_train: the BatchNorm's activation must be 'gelu', got {bn.activation!r}"
+    )
+  impl = _resolve_depthwise_impl(impl)
+  mean, var = (jax.lax.stop_gradient(m) for m in bn.moments)
+  input_bias = bn.input_bias
+  if input_bias is None:
+    input_bias = jnp.zeros(z.shape[-1:], jnp.float32)
+  if impl != 'pallas' or not FUSE_BN_BACKWARD:
+    z = z + input_bias.astype(z.dtype)
+    x = _batch_norm_given_moments(z, bn.scale, bn.bias, mean, var, bn.epsilon, 'gelu')
+    if bn.save_name is not None:
+      x = checkpoint_name(x, bn.save_name)
+    return depthwise_conv_with_moments(x, kernel, conv_bias, impl=impl)
+  interpret = jax.default_backend() != 'gpu'
+  taps = kernel.astype(z.dtype)[:, :, 0, :]
+  y, y_mean, y_var = _bn_gelu_depthwise_pallas(
+    z,
+    input_bias,
+    bn.scale,
+    bn.bias,
+    mean,
+    var,
+    taps,
+    conv_bias,
+    bn.epsilon,
+    bn.save_name,
+    interpret,
+  )
+  return y, (jax.lax.stop_gradient(y_mean), jax.lax.stop_gradient(y_var))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _bn_gelu_depthwise_pallas(*args):
+  return _bn_gelu_depthwise_fwd(*args)[0]
+
+
+def _bn_gelu_depthwise_fwd(
+  z, input_bias, scale, bias, mean, var, taps, conv_bias, epsilon, save_name, interpret
+):
+  from vcmamba_jax.models import depthwise_pallas
+
+  biased = z + input_bias.astype(z.dtype)  # read where the activation is computed
+  x, _, _, rstd = _bn_forward(biased, scale, bias, epsilon, 'gelu', (mean, var))
+  if save_name is not None:  # a remat policy that saves this name keeps x for the backward
+    x = checkpoint_name(x, save_name)
+  out = depthwise_pallas.depthwise_forward(x, taps, conv_bias, interpret=interpret)
+  return out, (z, input_bias, scale, bias, mean, rstd, x, taps, conv_bias)
+
+
+def _bn_gelu_depthwise_bwd(epsilon, save_name, interpret, residuals, cotangents):
+  from vcmamba_jax.models import depthwise_pallas
+
+  del epsilon, save_name
+  z, input_bias, scale, bias, mean, rstd, x, taps, conv_bias = residuals
+  g = cotangents[0]  # y's moments leave through stop_gradient (bn_gelu_depthwise_train)
+  params = jnp.stack([mean, rstd, scale, bias, input_bias.astype(z.dtype).astype(jnp.float32)])
+  dx, dtaps, dconv_bias, dbias, dscale = depthwise_pallas.depthwise_backward(
+    x, g, taps, bn=(z, params), interpret=interpret
+  )
+  bn_residuals = (z + input_bias.astype(z.dtype), scale, bias, mean, rstd)
+  dz, dscale, dbias, _ = _bn_backward('gelu', bn_residuals, dx, sums=(dbias, dscale))
+  axes = tuple(range(z.ndim - 1))
+  # z's moments are its own: dz above already holds their dependence on z.
+  return (
+    dz.astype(z.dtype),
+    jnp.sum(dz, axis=axes).astype(input_bias.dtype),  # a sibling of the dz pass
+    dscale.astype(scale.dtype),
+    dbias.astype(bias.dtype),
+    jnp.zeros_like(mean),
+    jnp.zeros_like(rstd),
+    dtaps.astype(taps.dtype),
+    dconv_bias.astype(conv_bias.dtype),
+  )
+
+
+_bn_gelu_depthwise_pallas.defvjp(_bn_gelu_depthwise_fwd, _bn_gelu_depthwise_bwd)

@@ -115,8 +115,10 @@ def device_kernel_times(xspace_path: str) -> tuple[list[dict[str, Any]], list[st
 
 def categorize(kernel: str, opcode: str, op_name: str) -> str:
   """Coarse class of a kernel: conv, matmul, gather/scatter, reduction, elementwise, the Pallas
-  scan, transpose/copy, other."""
+  scan, the Pallas depthwise conv, transpose/copy, other."""
   k = kernel.lower()
+  if '_depthwise_' in k:  # models/depthwise_pallas.py's kernels (named after their functions)
+    return 'depthwise conv (pallas)'
   if 'selective_scan' in op_name or '_fwd_kernel' in k or '_bwd_kernel' in k or 'pallas' in k:
     return 'scan (pallas)'
   if 'conv' in k and ('cudnn' in k or 'xmma' in k or 'implicit' in k or 'sm90' in k):
