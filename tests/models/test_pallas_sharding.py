@@ -40,6 +40,9 @@ def test_the_gpu_kernels_see_one_devices_share_of_the_batch():
   backward = lambda x, g, k: depthwise_pallas.depthwise_backward(x, g, k)
   assert _triton_batches(forward, mesh, (x, k, b)) == [16]
   assert _triton_batches(backward, mesh, (x, x, k)) == [16]
+  p = jax.ShapeDtypeStruct((5, 256), jnp.float32, sharding=whole)
+  with_bn = lambda x, g, k, p: depthwise_pallas.depthwise_backward(x, g, k, bn=(x, p))
+  assert _triton_batches(with_bn, mesh, (x, x, k, p)) == [16]
   # The scan of B's Mamba layers: [batch, 4 directions, L, E] -> 512 sequences, 64 a device.
   f32 = jnp.float32
   seq = jax.ShapeDtypeStruct((128, 4, 49, 1024), jnp.bfloat16, sharding=split)
