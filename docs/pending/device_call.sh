@@ -20,7 +20,7 @@
 # s, and no two stages fit one call.
 set -u
 export PYTHONUNBUFFERED=1
-if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 && "${1:-}" != s25 && "${1:-}" != s25b && "${1:-}" != s25c && "${1:-}" != lean && "${1:-}" != s26 && "${1:-}" != s26b && "${1:-}" != s27 && "${1:-}" != s27b ]]; then
+if [[ "${1:-}" != kernels && "${1:-}" != step && "${1:-}" != compile && "${1:-}" != dw && "${1:-}" != decide && "${1:-}" != blocks && "${1:-}" != threefry && "${1:-}" != init && "${1:-}" != smb && "${1:-}" != patch_blocks && "${1:-}" != fused2 && "${1:-}" != train2 && "${1:-}" != s24 && "${1:-}" != s25 && "${1:-}" != s25b && "${1:-}" != s25c && "${1:-}" != lean && "${1:-}" != s26 && "${1:-}" != s26b && "${1:-}" != s27 && "${1:-}" != s27b && "${1:-}" != s27c ]]; then
   echo "usage (from the repo root): bash docs/pending/device_call.sh dw | kernels | step '<KernelConfig JSON>' | compile" >&2
   exit 2
 fi
@@ -218,36 +218,36 @@ case "${1:-}" in
     grep '^scan' "$OUT/scan_stages.log"
     ;;
   s27)
-    # The Pallas depthwise kernels' GPU checks at the tile-sum defaults (every case; s26's 80 s
-    # cut the bf16 ones of stages 3-4 and the eval kernel) and of norm1's sums in the conv's
-    # backward (ops.FUSE_BN_BACKWARD); B's FFN blocks (remat as in the model): main's taps,
-    # main's Pallas, fused, fused with 8 backward warps, Pallas with 8 backward warps; then B's
-    # train step with the fused backward, in what is left (main's: s27b).
-    main_py timeout 170 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
-      --only pallas > "$OUT/check_pallas.log" 2>&1
-    elapsed check_pallas $?
-    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-150
-    main_py timeout 150 python3 docs/pending/ffn_block_variants.py --batch 128 \
-      --remat_mlp fc2_input --variants 12,5,13,14,15 --json "$OUT/blocks.json" \
-      > "$OUT/blocks.log" 2>&1
-    elapsed blocks $?
-    grep '^{' "$OUT/blocks.log" | cut -c1-400
-    left=$(left_s 585)
-    if (( left >= 110 )); then
-      RUN="docs/pending/run_with_kernel_config.py --fuse_bn_backward --depthwise {} \
-        scripts/benchmark.py" bench b_fused main_py "$left" --modes=train_synthetic
+    # Decides session 27's two candidates on one machine (train only, each from its own cold
+    # cache): main; ops.FUSE_BN_BACKWARD (norm1's sums in the depthwise backward kernel;
+    # deviceless -4.4 GB moved); remat_scan=false (the fused scan's forward runs once, its state
+    # checkpoints kept: deviceless -1.8 GB, -4 scan kernels of ~0.56 ms, +0.76 GiB); both.
+    B_FLAGS="$B_FLAGS --modes=train_synthetic"
+    fused="docs/pending/run_with_kernel_config.py --fuse_bn_backward --depthwise {}"
+    bench b_main main_py "${LIMIT:-140}"
+    RUN="$fused scripts/benchmark.py" bench b_fused main_py "${LIMIT:-140}"
+    bench b_noremat main_py "${LIMIT:-140}" --config.model.remat_scan=false
+    left=$(left_s 590)
+    if (( left >= 100 )); then
+      RUN="$fused scripts/benchmark.py" bench b_both main_py "$left" --config.model.remat_scan=false
     fi
     summary "$OUT"/b_*.log
     ;;
   s27b)
-    # A profile of B's train step (the next target; the Pallas depthwise kernels now have a
-    # category of their own), then main's B train step, then S's and M's eval in what is left.
-    main_py env JAX_COMPILATION_CACHE_DIR=/tmp/cache_prof timeout 200 python3 \
-      scripts/profile_step.py ${B_FLAGS%--modes*} --modes=train --top=40 --dump_hlo \
-      --json_out="$OUT/profile_train.json" > "$OUT/profile_train.log" 2>&1
-    elapsed profile_train $?
-    grep -vE '^[IWE][0-9]{4} ' "$OUT/profile_train.log" | head -90 | cut -c1-170
-    bench b main_py 190
+    # The Pallas depthwise kernels' GPU checks at the tile-sum defaults (every case; s26's 80 s
+    # cut the bf16 ones of stages 3-4 and the eval kernel) and of norm1's sums in the conv's
+    # backward (ops.FUSE_BN_BACKWARD); B's FFN blocks (remat as in the model): main's taps,
+    # main's Pallas, fused, fused with 8 backward warps (no spills), Pallas with 8 backward
+    # warps; then S's and M's eval in what is left.
+    main_py timeout 170 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only pallas > "$OUT/check_pallas.log" 2>&1
+    elapsed check_pallas $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-150
+    main_py timeout 170 python3 docs/pending/ffn_block_variants.py --batch 128 \
+      --remat_mlp fc2_input --variants 12,5,13,14,15 --json "$OUT/blocks.json" \
+      > "$OUT/blocks.log" 2>&1
+    elapsed blocks $?
+    grep '^{' "$OUT/blocks.log" | cut -c1-400
     for v in s m; do
       left=$(left_s 585)
       if (( left >= 60 )); then
@@ -255,7 +255,18 @@ case "${1:-}" in
           --modes=eval_synthetic
       fi
     done
-    summary "$OUT"/[smb].log
+    summary "$OUT"/[sm].log
+    ;;
+  s27c)
+    # A profile of B's train step (the next target; the Pallas depthwise kernels now have a
+    # category of their own), then B's train and eval steps in what is left.
+    main_py env JAX_COMPILATION_CACHE_DIR=/tmp/cache_prof timeout 200 python3 \
+      scripts/profile_step.py ${B_FLAGS%--modes*} --modes=train --top=40 --dump_hlo \
+      --json_out="$OUT/profile_train.json" > "$OUT/profile_train.log" 2>&1
+    elapsed profile_train $?
+    grep -vE '^[IWE][0-9]{4} ' "$OUT/profile_train.log" | head -90 | cut -c1-170
+    bench b main_py "$(left_s 585)"
+    summary "$OUT"/b.log
     ;;
   smb)
     # README "Speed" (an H200): B on main (train and eval), the eval step's kernels (is BatchNorm +
