@@ -254,8 +254,11 @@ def main() -> int:
   parser.add_argument('--length', type=int, default=49)
   parser.add_argument('--repeats', type=int, default=20)
   parser.add_argument('--skip_timing', action='store_true')
-  parser.add_argument('--only', default='', help='run the cases whose name contains this')
+  parser.add_argument(
+    '--only', default='', help='run the cases whose name contains this (or any of several, a,b)'
+  )
   args = parser.parse_args()
+  wanted = lambda name: any(part in name for part in args.only.split(','))
   print(f'device: {jax.devices()[0].device_kind}, jax {jax.__version__}', flush=True)
   gpu = jax.default_backend() == 'gpu'
   if gpu:  # a kernel that falls back would compare the fallback with the reference and pass
@@ -270,20 +273,20 @@ def main() -> int:
     for name, fast, ref, fn_args, argnums in cases(
       args.model, args.check_batch, args.length, dtype, seed
     ):
-      if args.only not in name:
+      if not wanted(name):
         continue
       # XLA's GPU convolutions and matmuls run float32 as TF32 by default.
       tol = 5e-3 if gpu and dtype == jnp.float32 and 'lax.conv' in name else bound
       check(f'{name}, {jnp.dtype(dtype).name}', fast, ref, fn_args, tol, argnums)
   name = 'init with threefry GPU kernels vs XLA threefry (vcmamba_nano), bitwise'
-  if args.only in name:
+  if wanted(name):
     check_threefry_init(name)
   rows = {}
   if not args.skip_timing:
     for name, fast, ref, fn_args, argnums in cases(
       args.model, args.batch, args.length, jnp.bfloat16, 7
     ):
-      if args.only not in name:
+      if not wanted(name):
         continue
       rows[name] = timing(fast, ref, fn_args, args.repeats, argnums)
       r = rows[name]

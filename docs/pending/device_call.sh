@@ -218,33 +218,44 @@ case "${1:-}" in
     grep '^scan' "$OUT/scan_stages.log"
     ;;
   s27)
-    # Decides session 27's two candidates on one machine (train only, each from its own cold
-    # cache): main; ops.FUSE_BN_BACKWARD (norm1's sums in the depthwise backward kernel;
-    # deviceless -4.4 GB moved); remat_scan=false (the fused scan's forward runs once, its state
-    # checkpoints kept: deviceless -1.8 GB, -4 scan kernels of ~0.56 ms, +0.76 GiB); both.
+    # Decides session 27's changes on one machine (train only, each from its own cold cache):
+    # main (its Pallas depthwise kernels now multiply-add in one PTX instruction: -22 to -35%
+    # instructions, deviceless); the kernels as before (LaunchConfig fma=false);
+    # ops.FUSE_BN_BACKWARD (norm1's sums in the depthwise backward kernel; deviceless -4.4 GB
+    # moved); remat_scan=false (the fused scan's forward runs once, its state checkpoints kept:
+    # deviceless -1.8 GB, -4 scan kernels of ~0.56 ms, +0.76 GiB).
+    # First the Pallas depthwise kernels' GPU checks at stage 1 and the mixer's 7x7 (their
+    # multiply-adds are inline PTX `fma.rn.f32` since session 27; the interpreter cannot run it).
+    main_py timeout 60 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
+      --only '3x3 pallas vs lax.conv 56x56,fused bn backward vs lax.conv 56x56,7x7 pallas' \
+      > "$OUT/check_quick.log" 2>&1
+    elapsed check_quick $?
+    grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_quick.log" | cut -c1-150
     B_FLAGS="$B_FLAGS --modes=train_synthetic"
     fused="docs/pending/run_with_kernel_config.py --fuse_bn_backward --depthwise {}"
-    bench b_main main_py "${LIMIT:-140}"
-    RUN="$fused scripts/benchmark.py" bench b_fused main_py "${LIMIT:-140}"
-    bench b_noremat main_py "${LIMIT:-140}" --config.model.remat_scan=false
+    bench b_main main_py "${LIMIT:-130}"
+    RUN="docs/pending/run_with_kernel_config.py --depthwise {\"fma\":false} scripts/benchmark.py" \
+      bench b_nofma main_py "${LIMIT:-130}"
+    RUN="$fused scripts/benchmark.py" bench b_fused main_py "${LIMIT:-130}"
     left=$(left_s 590)
     if (( left >= 100 )); then
-      RUN="$fused scripts/benchmark.py" bench b_both main_py "$left" --config.model.remat_scan=false
+      bench b_noremat main_py "$left" --config.model.remat_scan=false
     fi
     summary "$OUT"/b_*.log
     ;;
   s27b)
     # The Pallas depthwise kernels' GPU checks at the tile-sum defaults (every case; s26's 80 s
     # cut the bf16 ones of stages 3-4 and the eval kernel) and of norm1's sums in the conv's
-    # backward (ops.FUSE_BN_BACKWARD); B's FFN blocks (remat as in the model): main's taps,
-    # main's Pallas, fused, fused with 8 backward warps (no spills), Pallas with 8 backward
-    # warps; then S's and M's eval in what is left.
+    # backward (ops.FUSE_BN_BACKWARD); B's FFN blocks (remat as in the model): the Pallas
+    # kernels without PTX multiply-adds (as before session 27), main's Pallas, fused, fused with
+    # 8 backward warps (no spills), Pallas with 8 backward warps; then S's and M's eval in what
+    # is left.
     main_py timeout 170 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
       --only pallas > "$OUT/check_pallas.log" 2>&1
     elapsed check_pallas $?
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-150
     main_py timeout 170 python3 docs/pending/ffn_block_variants.py --batch 128 \
-      --remat_mlp fc2_input --variants 12,5,13,14,15 --json "$OUT/blocks.json" \
+      --remat_mlp fc2_input --variants 16,5,13,14,15 --json "$OUT/blocks.json" \
       > "$OUT/blocks.log" 2>&1
     elapsed blocks $?
     grep '^{' "$OUT/blocks.log" | cut -c1-400

@@ -74,6 +74,8 @@ VARIANTS = [
     'launch': {'bwd_num_warps': 8},
   },
   {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas', 'launch': {'bwd_num_warps': 8}},
+  # Session 27: the kernels' multiply-adds as Triton's mul + add (before session 27).
+  {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas', 'launch': {'fma': False}},
 ]
 
 

@@ -95,6 +95,23 @@ def test_pallas_depthwise_kernels_lower_to_triton_at_the_b_shapes(kernel, grid, 
     assert text.count('custom_call @__gpu$xla.gpu.triton') == 1
 
 
+@pytest.mark.parametrize('fma', [True, False])
+def test_pallas_depthwise_kernels_multiply_add_in_one_ptx_instruction(monkeypatch, fma):
+  """On the GPU the kernels' multiply-adds are inline `fma.rn.f32` (Triton rounds a product and
+  a sum separately; the interpreter cannot run PTX, so this checks the CUDA lowering), unless
+  `LaunchConfig(fma=False)`."""
+  monkeypatch.setattr(depthwise_pallas, 'OVERRIDE', depthwise_pallas.LaunchConfig(fma=fma))
+  x = jax.ShapeDtypeStruct((8, 14, 14, 64), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((3, 3, 64), jnp.bfloat16)
+  b = jax.ShapeDtypeStruct((64,), jnp.float32)
+  for fn, args in [
+    (lambda x, k, b: depthwise_pallas.depthwise_forward(x, k, b), (x, k, b)),
+    (lambda x, g, k: depthwise_pallas.depthwise_backward(x, g, k), (x, x, k)),
+  ]:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+    assert ('fma.rn.f32' in text) == fma
+
+
 def test_batch_moments_one_pass_keeps_the_variance_where_the_mean_dwarfs_it():
   """One pass, yet a two-pass variance: channels with |mean| / std of 0, 1e2 and 1e4 (an
   unshifted E[x^2] - E[x]^2 in float32 returns noise for the last two)."""

@@ -57,6 +57,15 @@ class LaunchConfig:
   bwd_num_warps: with BatchNorm's sums (`depthwise_backward(bn=...)`) the backward kernel at B's
   3x3 shapes needs 255 registers and spills 192 bytes with 4 warps, 195 registers and no
   spills with 8 (deviceless `ptxas -v`, sm_90a); not yet timed.
+
+  fma (session 27, not yet timed): every multiply-add one PTX `fma.rn.f32` (`_fma`), and rows
+  outside the image masked in the loads' predicates instead of selected after them. PTX
+  instructions per row and thread (deviceless, sm_90a, B's shapes): 3x3 backward 696 -> 462,
+  3x3 forward 406 -> 300, 7x7 backward 2,097 -> 1,355 (spills 1,748 -> 1,116 bytes), 7x7
+  forward 1,080 -> 778; with BatchNorm's sums 1,097 -> 812. Per row and thread the 3x3 kernels
+  move 32 (forward) and 48 (backward) bytes of device memory, so they issued 12.7 and 14.5
+  instructions per byte, above the ~8.8 at which an H100 SM's issue rate (128 lanes a cycle)
+  matches its share of the memory bandwidth: instruction-bound; now 9.4 and 9.6.
   """
 
   tile_elements: int = 1024
@@ -64,6 +73,7 @@ class LaunchConfig:
   num_stages: int = 1
   rows: int = 0
   bwd_num_warps: int = 0  # the backward kernel's warps (0: num_warps)
+  fma: bool = True  # multiply-adds as PTX fma.rn.f32 (False: Triton's mul.rn + add.rn)
 
 
 # Set by benchmarks to time another launch configuration (None: the defaults).
@@ -103,16 +113,42 @@ def _columns(width_p: int, shift: int, width: int, block: int) -> jax.Array:
   return (source >= 0) & (source < width)
 
 
-def _load_row(ref, row, shift, *, width, width_p, col0):
+def _load_row(ref, row, shift, *, width, width_p, col0, row_ok=None):
   """[Wp, blk] float32: image columns w + shift (w = 0 .. Wp - 1) of `row` of an image block
   whose column 0 is the ref's column col0; zero outside the image (masked: on the GPU the ref is
-  the unpadded image and the masked lanes are not read)."""
+  the unpadded image and the masked lanes are not read). `row_ok` (a scalar bool): all zero
+  where False (a row outside the image, whose clamped index `row` is read in bounds). Folded into
+  the load's predicate (one per vector of a thread's channels), it costs less than a select of
+  the tile after the load (deviceless PTX, B's 3x3 backward: 10 selects per element)."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plgpu
 
   mask = _columns(width_p, shift, width, ref.shape[-1])
+  if row_ok is not None:
+    mask = mask & row_ok
   tile = plgpu.load(ref.at[row, pl.ds(col0 + shift, width_p), :], mask=mask, other=0)
   return tile.astype(jnp.float32)
+
+
+def _fma(a: jax.Array, b: jax.Array, c: jax.Array, interpret: bool) -> jax.Array:
+  """a * b + c (float32 [Wp, blk] tiles; b may be a [1, blk] row), rounded once on the GPU
+  (PTX `fma.rn.f32`). Pallas's Triton lowering emits a product and a sum as `mul.rn` and
+  `add.rn`, which ptxas may not contract: two instructions per multiply-add, the largest share
+  of these instruction-bound kernels (deviceless PTX, B's 3x3 backward: 288 of 598 per row and
+  thread). The interpreter (CPU tests) computes a * b + c, as does `LaunchConfig(fma=False)`."""
+  if interpret or not launch_config().fma:
+    return a * b + c
+  from jax.experimental.pallas import triton as plgpu
+
+  a, b, c = jnp.broadcast_arrays(a, b, c)
+  [out] = plgpu.elementwise_inline_asm(
+    'fma.rn.f32 $0, $1, $2, $3;',
+    args=[a, b, c],
+    constraints='=f,f,f,f',
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+  )
+  return out
 
 
 def _store_row(ref, row, value, *, width, width_p):
@@ -124,7 +160,7 @@ def _store_row(ref, row, value, *, width, width_p):
   plgpu.store(ref.at[row, pl.ds(0, width_p), :], value.astype(ref.dtype), mask=mask)
 
 
-def _depthwise_bwd_kernel(*refs, height, width, width_p, ksize, rows, col0, bn):
+def _depthwise_bwd_kernel(*refs, height, width, width_p, ksize, rows, col0, interpret, bn):
   """x_ref, g_ref [H, W', blk] (x and g; image column c at column c + col0); with `bn` also
   z_ref [H, W', blk] (the input of the train-mode BatchNorm + GELU that gave x, before a bias)
   and, after k_ref [K*K, blk], p_ref [5, blk] (its mean, rstd, scale, bias and the input's
@@ -158,8 +194,7 @@ def _depthwise_bwd_kernel(*refs, height, width, width_p, ksize, rows, col0, bn):
     g_row = load(g_ref, h, 0)  # g[h, w]; zero for w >= W
     dx = None
     for di in range(ksize):
-      # Rows outside the image read a clamped row and are discarded by a select (scalar
-      # predicates; a bool -> float convert does not lower to Triton here).
+      # Rows outside the image: a clamped row's load, masked to zeros.
       r = h + di - pad  # x row that tap row di reads for output row h
       x_ok = (r >= 0) & (r < height)
       x_row = jnp.clip(r, 0, height - 1)
@@ -168,21 +203,22 @@ def _depthwise_bwd_kernel(*refs, height, width, width_p, ksize, rows, col0, bn):
       g_row_q = jnp.clip(q, 0, height - 1)
       for dj in range(ksize):
         t = di * ksize + dj
-        xs = load(x_ref, x_row, dj - pad)  # x[r, w + dj - p]
-        acc[t] = jnp.where(x_ok, acc[t] + xs * g_row, acc[t])
-        gs = load(g_ref, g_row_q, pad - dj)  # g[q, w - dj + p]
-        term = jnp.where(g_ok, gs * kern[t][None, :], 0.0)
-        dx = term if dx is None else dx + term
+        xs = load(x_ref, x_row, dj - pad, row_ok=x_ok)  # x[r, w + dj - p]
+        acc[t] = _fma(xs, g_row, acc[t], interpret)
+        gs = load(g_ref, g_row_q, pad - dj, row_ok=g_ok)  # g[q, w - dj + p]
+        k_t = kern[t][None, :]
+        dx = gs * k_t if dx is None else _fma(gs, k_t, dx, interpret)
     _store_row(dx_ref, i, dx, width=width, width_p=width_p)
     acc[taps] = acc[taps] + g_row
     if bn:  # BatchNorm's sums, from dx as stored (what its dz pass reads back)
       # z + its bias rounded to z's dtype (as XLA's add in that dtype), then normalised.
       z = (load(z_ref, h, 0) + z_bias).astype(z_ref.dtype).astype(f32)
       zhat = (z - mean) * rstd
-      dz = dx.astype(dx_ref.dtype).astype(f32) * gelu_grad_in_kernel(zhat * scale + shift)
+      slope = gelu_grad_in_kernel(_fma(zhat, scale, shift, interpret), interpret)
+      dz = dx.astype(dx_ref.dtype).astype(f32) * slope
       dz = jnp.where(valid, dz, 0.0)  # columns >= W: dx there is not the image's
       acc[taps + 1] = acc[taps + 1] + dz
-      acc[taps + 2] = acc[taps + 2] + dz * zhat
+      acc[taps + 2] = _fma(dz, zhat, acc[taps + 2], interpret)
     return tuple(acc)
 
   zeros = jnp.zeros((width_p, *kern[0].shape), f32)
@@ -228,6 +264,7 @@ def _row_call(body, x, ksize, images, per_channel, partial_rows, interpret, num_
     ksize=ksize,
     rows=rows,
     col0=col0,
+    interpret=interpret,
   )
 
   def call(*operands):  # on each device's images under a mesh (sharding.per_device)
@@ -296,7 +333,7 @@ def depthwise_backward(
 
 
 def _depthwise_fwd_kernel(
-  x_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize, rows, col0
+  x_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize, rows, col0, interpret
 ):
   """x_ref [H, W', blk] (image column c at column c + col0), k_ref [K*K, blk], b_ref [1, blk]
   -> y_ref [rows, W'', blk] (the program's rows) and stats_ref [2, blk]: the mean and sum of
@@ -325,15 +362,15 @@ def _depthwise_fwd_kernel(
       ok = (r >= 0) & (r < height)
       x_row = jnp.clip(r, 0, height - 1)
       for dj in range(ksize):
-        term = jnp.where(ok, load(x_ref, x_row, dj - pad) * kern[di * ksize + dj][None, :], 0.0)
-        acc = term if acc is None else acc + term
+        xs, k_t = load(x_ref, x_row, dj - pad, row_ok=ok), kern[di * ksize + dj][None, :]
+        acc = xs * k_t if acc is None else _fma(xs, k_t, acc, interpret)
     # As ops.depthwise_conv's taps: the bias added in float32, one rounding.
     y = (acc + bias[None, :]).astype(y_ref.dtype)
     _store_row(y_ref, i, y, width=width, width_p=width_p)
     # Welford per column; columns >= W hold the bias only: they leave in the merge below.
     delta = y.astype(f32) - mean
-    mean = mean + delta * (1.0 / (i + 1).astype(f32))
-    m2 = m2 + delta * (y.astype(f32) - mean)
+    mean = _fma(delta, 1.0 / (i + 1).astype(f32), mean, interpret)
+    m2 = _fma(delta, y.astype(f32) - mean, m2, interpret)
     return mean, m2
 
   zeros = jnp.zeros((width_p, *bias.shape), f32)
@@ -415,13 +452,14 @@ _ERFC_P = 0.3275911
 _ERFC_C = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
-def _phi_and_pdf(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The standard normal CDF Phi(z) (to 1e-7) and density of a float32 array."""
+def _phi_and_pdf(z: jax.Array, interpret: bool = True) -> tuple[jax.Array, jax.Array]:
+  """The standard normal CDF Phi(z) (to 1e-7) and density of a float32 array (`interpret`:
+  outside a GPU kernel, no PTX multiply-adds)."""
   u = jnp.abs(z) * np.float32(1.0 / np.sqrt(2.0))
   t = 1.0 / (1.0 + _ERFC_P * u)
-  poly = _ERFC_C[-1]
+  poly = jnp.full_like(t, _ERFC_C[-1])
   for c in reversed(_ERFC_C[:-1]):
-    poly = c + t * poly
+    poly = _fma(t, poly, jnp.full_like(t, c), interpret)
   gauss = jnp.exp(-u * u)  # exp(-z^2 / 2)
   tail = 0.5 * t * poly * gauss  # Q(|z|) = P(Z > |z|)
   return jnp.where(z >= 0, 1.0 - tail, tail), gauss * np.float32(1.0 / np.sqrt(2.0 * np.pi))
@@ -432,11 +470,11 @@ def gelu_in_kernel(z: jax.Array) -> jax.Array:
   return z * _phi_and_pdf(z)[0]
 
 
-def gelu_grad_in_kernel(z: jax.Array) -> jax.Array:
+def gelu_grad_in_kernel(z: jax.Array, interpret: bool = True) -> jax.Array:
   """GELU'(z) = Phi(z) + z * pdf(z) of a float32 array (as `ops._activation_grad`), from one
   exp and one division."""
-  phi, pdf = _phi_and_pdf(z)
-  return phi + z * pdf
+  phi, pdf = _phi_and_pdf(z, interpret)
+  return _fma(z, pdf, phi, interpret)
 
 
 def _pow2_divisor(n: int) -> int:
