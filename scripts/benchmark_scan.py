@@ -47,7 +47,7 @@ def bench_scans(args) -> list[dict]:
   impls = list(args.impls)
   for blocks in args.fused_blocks:  # extra fused variants with other launch settings
     impls.append(f'fused:{blocks}')
-  names = ('FWD_BLOCK', 'BWD_BLOCK', 'NUM_STAGES', 'FWD_WARPS', 'BWD_WARPS')
+  names = ('FWD_BLOCK', 'BWD_BLOCK', 'NUM_STAGES', 'FWD_WARPS', 'BWD_WARPS', 'USE_FMA')
   defaults = {name: getattr(scan_pallas, name) for name in names}
   for impl in impls:
     for name, value in defaults.items():
@@ -166,7 +166,7 @@ def main():
     nargs='*',
     default=[],
     help='extra fused-kernel launch settings to time: fwd_block,bwd_block[,num_stages[,fwd_warps'
-    '[,bwd_warps]]], e.g. 32,16 64,32,3 32,16,1,1,1',
+    '[,bwd_warps[,use_fma]]]], e.g. 32,16 64,32,3 32,16,1,1,1 32,16,3,1,1,0',
   )
   parser.add_argument('--skip_model', action='store_true')
   parser.add_argument('--json', default=None)

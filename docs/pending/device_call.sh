@@ -224,10 +224,11 @@ case "${1:-}" in
     # ops.FUSE_BN_BACKWARD (norm1's sums in the depthwise backward kernel; deviceless -4.4 GB
     # moved); remat_scan=false (the fused scan's forward runs once, its state checkpoints kept:
     # deviceless -1.8 GB, -4 scan kernels of ~0.56 ms, +0.76 GiB).
-    # First the Pallas depthwise kernels' GPU checks at stage 1 and the mixer's 7x7 (their
-    # multiply-adds are inline PTX `fma.rn.f32` since session 27; the interpreter cannot run it).
+    # First the GPU checks of the fused scan and of the Pallas depthwise kernels at stage 1 and
+    # the mixer's 7x7 (their multiply-adds are inline PTX `fma.rn.f32` since session 27; the
+    # interpreter cannot run it).
     main_py timeout 60 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
-      --only '3x3 pallas vs lax.conv 56x56,fused bn backward vs lax.conv 56x56,7x7 pallas' \
+      --only '3x3 pallas vs lax.conv 56x56,fused bn backward vs lax.conv 56x56,7x7 pallas,scan' \
       > "$OUT/check_quick.log" 2>&1
     elapsed check_quick $?
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_quick.log" | cut -c1-150
@@ -254,6 +255,7 @@ case "${1:-}" in
       --only pallas > "$OUT/check_pallas.log" 2>&1
     elapsed check_pallas $?
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-150
+    scan_launch 60 32,16,3,1,1,1 32,16,3,1,1,0  # the fused scan with / without PTX fma
     main_py timeout 170 python3 docs/pending/ffn_block_variants.py --batch 128 \
       --remat_mlp fc2_input --variants 16,5,13,14,15 --json "$OUT/blocks.json" \
       > "$OUT/blocks.log" 2>&1

@@ -230,7 +230,7 @@ def test_fused_probe_falls_back_with_one_notice_under_a_trace(caplog):
   assert len(notices) == 1
 
 
-def test_fused_scan_lowers_to_triton_for_inference_and_training():
+def test_fused_scan_lowers_to_triton_for_inference_and_training(monkeypatch):
   # No GPU here: a CUDA cross-lowering runs Pallas's Triton lowering at B's shapes (batch 128,
   # 4 directions, L = 49, E = 1024). Inference runs one kernel, the forward without its state
   # checkpoints; training the forward with them and the backward.
@@ -244,9 +244,17 @@ def test_fused_scan_lowers_to_triton_for_inference_and_training():
 
   def lowered(fn):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
-    # Triton kernels, and whether the [..., L / 7, E, N] float32 checkpoints exist.
-    return text.count('custom_call @__gpu$xla.gpu.triton'), 'x7x1024x16xf32>' in text
+    # Triton kernels, whether the [..., L / 7, E, N] float32 checkpoints exist, and whether the
+    # multiply-adds are PTX fma (`scan_pallas.USE_FMA`; the interpreter cannot run them).
+    return (
+      text.count('custom_call @__gpu$xla.gpu.triton'),
+      'x7x1024x16xf32>' in text,
+      'fma.rn.f32' in text,
+    )
 
-  assert lowered(lambda *a: scan_pallas.selective_scan_fused(*a)) == (1, False)
+  assert lowered(lambda *a: scan_pallas.selective_scan_fused(*a)) == (1, False, True)
   grad = jax.grad(lambda *a: scan_pallas.selective_scan_fused(*a).astype(f32).sum(), (0, 1))
-  assert lowered(grad) == (2, True)
+  assert lowered(grad) == (2, True, True)
+  monkeypatch.setattr(scan_pallas, 'USE_FMA', 0)  # (a new function: jit caches by function)
+  grad = jax.grad(lambda *a: scan_pallas.selective_scan_fused(*a).astype(f32).sum(), (0, 1))
+  assert lowered(grad) == (2, True, False)

@@ -131,24 +131,9 @@ def _load_row(ref, row, shift, *, width, width_p, col0, row_ok=None):
 
 
 def _fma(a: jax.Array, b: jax.Array, c: jax.Array, interpret: bool) -> jax.Array:
-  """a * b + c (float32 [Wp, blk] tiles; b may be a [1, blk] row), rounded once on the GPU
-  (PTX `fma.rn.f32`). Pallas's Triton lowering emits a product and a sum as `mul.rn` and
-  `add.rn`, which ptxas may not contract: two instructions per multiply-add, the largest share
-  of these instruction-bound kernels (deviceless PTX, B's 3x3 backward: 288 of 598 per row and
-  thread). The interpreter (CPU tests) computes a * b + c, as does `LaunchConfig(fma=False)`."""
-  if interpret or not launch_config().fma:
-    return a * b + c
-  from jax.experimental.pallas import triton as plgpu
-
-  a, b, c = jnp.broadcast_arrays(a, b, c)
-  [out] = plgpu.elementwise_inline_asm(
-    'fma.rn.f32 $0, $1, $2, $3;',
-    args=[a, b, c],
-    constraints='=f,f,f,f',
-    pack=1,
-    result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-  )
-  return out
+  """a * b + c; on the GPU one PTX `fma.rn.f32` (`pallas_gpu.fma`) unless
+  `LaunchConfig(fma=False)`. b may be a [1, blk] row of a [Wp, blk] tile."""
+  return pallas_gpu.fma(a, b, c, not interpret and launch_config().fma)
 
 
 def _store_row(ref, row, value, *, width, width_p):

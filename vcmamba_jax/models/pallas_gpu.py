@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 
 def compiler_params(num_warps: int, num_stages: int = 1):
@@ -36,3 +37,26 @@ def probe(run: Callable[[], object], kernel: str, fallback: str) -> bool:
       fallback,
     )
     return False
+
+
+def fma(a: jax.Array, b: jax.Array, c: jax.Array, in_ptx: bool) -> jax.Array:
+  """a * b + c (float32, broadcast), with `in_ptx` rounded once as PTX `fma.rn.f32` (inline
+  assembly: inside a kernel on a GPU only, the interpreter cannot run it), else a * b + c.
+
+  Pallas's Triton lowering emits a product and a sum as `mul.rn.f32` and `add.rn.f32`, whose
+  explicit rounding ptxas may not contract: two instructions per multiply-add in kernels that
+  are instruction-bound (deviceless PTX of B's kernels: the depthwise 3x3 backward issued 14.5
+  instructions per byte it moves, where an H100 SM can issue ~8.8)."""
+  if not in_ptx:
+    return a * b + c
+  from jax.experimental.pallas import triton as plgpu
+
+  a, b, c = jnp.broadcast_arrays(a, b, c)
+  [out] = plgpu.elementwise_inline_asm(
+    'fma.rn.f32 $0, $1, $2, $3;',
+    args=[a, b, c],
+    constraints='=f,f,f,f',
+    pack=1,
+    result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+  )
+  return out
