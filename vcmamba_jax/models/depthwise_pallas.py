@@ -450,9 +450,9 @@ def _phi_and_pdf(z: jax.Array, interpret: bool = True) -> tuple[jax.Array, jax.A
   return jnp.where(z >= 0, 1.0 - tail, tail), gauss * np.float32(1.0 / np.sqrt(2.0 * np.pi))
 
 
-def gelu_in_kernel(z: jax.Array) -> jax.Array:
+def gelu_in_kernel(z: jax.Array, interpret: bool = True) -> jax.Array:
   """Exact GELU z * Phi(z) of a float32 array, to 1e-7 of Phi, from ops Triton lowers."""
-  return z * _phi_and_pdf(z)[0]
+  return z * _phi_and_pdf(z, interpret)[0]
 
 
 def gelu_grad_in_kernel(z: jax.Array, interpret: bool = True) -> jax.Array:
@@ -477,12 +477,13 @@ def eval_tiles(
   return pixels, block
 
 
-def _depthwise_eval_kernel(xp_ref, k_ref, p_ref, y_ref, *, width, ksize, pixels, steps):
+def _depthwise_eval_kernel(xp_ref, k_ref, p_ref, y_ref, *, width, ksize, pixels, steps, fma):
   """xp_ref [H*W + 2f, blk]: x flattened over (H, W) with f = p*W + p zero pixels before and
   after (so every tap's load is in bounds, and rows outside the image read zeros); k_ref
   [K*K, blk]; p_ref [4, blk] float32: conv bias, BatchNorm's running mean, scale * rsqrt(var +
   eps) and bias -> y_ref [H*W, blk] = GELU(BatchNorm(conv(x) + bias)). A program walks its image
-  in tiles of `pixels` consecutive pixels; taps that cross a row's end are masked by column."""
+  in tiles of `pixels` consecutive pixels; taps that cross a row's end are masked by column.
+  `fma`: multiply-adds as PTX fma (`pallas_gpu.fma`)."""
   from jax.experimental import pallas as pl
 
   f32 = jnp.float32
@@ -501,14 +502,15 @@ def _depthwise_eval_kernel(xp_ref, k_ref, p_ref, y_ref, *, width, ksize, pixels,
     for dj in range(ksize):
       part = None
       for di in range(ksize):
-        xs = xp_ref[pl.ds(start + front + (di - pad) * width + dj - pad, pixels), :]
-        term = xs.astype(f32) * kern[di * ksize + dj]
-        part = term if part is None else part + term
+        xs = xp_ref[pl.ds(start + front + (di - pad) * width + dj - pad, pixels), :].astype(f32)
+        k_t = kern[di * ksize + dj]
+        part = xs * k_t if part is None else pallas_gpu.fma(xs, k_t, part, fma)
       source = column + (dj - pad)  # the column these taps read
       part = jnp.where((source >= 0) & (source < width), part, 0.0)
       acc = part if acc is None else acc + part
     y = (acc + bias).astype(y_ref.dtype).astype(f32)
-    y_ref[pl.ds(start, pixels), :] = gelu_in_kernel((y - mean) * mul + shift).astype(y_ref.dtype)
+    z = pallas_gpu.fma(y - mean, mul, shift, fma)
+    y_ref[pl.ds(start, pixels), :] = gelu_in_kernel(z, not fma).astype(y_ref.dtype)
     return carry
 
   jax.lax.fori_loop(0, steps, tile, 0)
@@ -551,7 +553,12 @@ def depthwise_bn_gelu(
   def call(flat, taps, params):  # on each device's images under a mesh (sharding.per_device)
     return pl.pallas_call(
       functools.partial(
-        _depthwise_eval_kernel, width=width, ksize=ksize, pixels=pixels, steps=hw // pixels
+        _depthwise_eval_kernel,
+        width=width,
+        ksize=ksize,
+        pixels=pixels,
+        steps=hw // pixels,
+        fma=not interpret and launch_config().fma,
       ),
       out_shape=jax.ShapeDtypeStruct((flat.shape[0], hw, channels), x.dtype),
       grid=(flat.shape[0], channels // block),
