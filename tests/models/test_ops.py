@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vcmamba_jax.models import depthwise_pallas, ops
+from vcmamba_jax.models import depthwise_pallas, ops, pallas_gpu
 
 
 def _value_and_grads(fn, args):
@@ -101,6 +101,7 @@ def test_pallas_depthwise_kernels_multiply_add_in_one_ptx_instruction(monkeypatc
   a sum separately; the interpreter cannot run PTX, so this checks the CUDA lowering), unless
   `LaunchConfig(fma=False)`."""
   monkeypatch.setattr(depthwise_pallas, 'OVERRIDE', depthwise_pallas.LaunchConfig(fma=fma))
+  monkeypatch.setattr(pallas_gpu, 'ptx_fma_works', lambda: True)  # its GPU check, passed
   x = jax.ShapeDtypeStruct((8, 14, 14, 64), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((3, 3, 64), jnp.bfloat16)
   b = jax.ShapeDtypeStruct((64,), jnp.float32)
@@ -110,6 +111,23 @@ def test_pallas_depthwise_kernels_multiply_add_in_one_ptx_instruction(monkeypatc
   ]:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
     assert ('fma.rn.f32' in text) == fma
+
+
+def test_inline_fma_is_used_only_where_its_check_passes(monkeypatch, caplog):
+  """`pallas_gpu.ptx_fma_works`: False on the CPU; where its kernel fails (here: a 'GPU' whose
+  Pallas cannot compile for Triton) False with one logged line, and `fma` then multiplies and
+  adds."""
+  assert not pallas_gpu.ptx_fma_works()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  pallas_gpu.ptx_fma_works.cache_clear()
+  try:
+    with caplog.at_level('WARNING'):
+      assert not pallas_gpu.ptx_fma_works()
+      a = jnp.float32(3.0)
+      assert float(pallas_gpu.fma(a, a, a, in_ptx=True)) == 12.0
+  finally:
+    pallas_gpu.ptx_fma_works.cache_clear()
+  assert sum('inline PTX fma is unavailable' in r.getMessage() for r in caplog.records) == 1
 
 
 def test_batch_moments_one_pass_keeps_the_variance_where_the_mean_dwarfs_it():

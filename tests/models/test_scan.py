@@ -234,8 +234,9 @@ def test_fused_scan_lowers_to_triton_for_inference_and_training(monkeypatch):
   # No GPU here: a CUDA cross-lowering runs Pallas's Triton lowering at B's shapes (batch 128,
   # 4 directions, L = 49, E = 1024). Inference runs one kernel, the forward without its state
   # checkpoints; training the forward with them and the backward.
-  from vcmamba_jax.models import scan_pallas
+  from vcmamba_jax.models import pallas_gpu, scan_pallas
 
+  monkeypatch.setattr(pallas_gpu, 'ptx_fma_works', lambda: True)  # its GPU check, passed
   f32 = jnp.float32
   seq = jax.ShapeDtypeStruct((512, 49, 1024), jnp.bfloat16)
   tok = jax.ShapeDtypeStruct((512, 49, 16), jnp.bfloat16)
