@@ -12,7 +12,8 @@ Checked (fresh random inputs each, forward and gradients of every input, float32
 - `ops.batch_norm_train` (hand-written VJP, fused GELU) against autodiff of the plain formula,
   alone and fed the Pallas conv's moments (the Mlp's mid conv + mid_norm with impl 'pallas');
 - `ops.bn_gelu_depthwise_train` with `ops.FUSE_BN_BACKWARD` (norm1's backward sums in the
-  conv's backward kernel) against autodiff of fc1's bias + BatchNorm + GELU, then `lax.conv`;
+  conv's backward kernel) against autodiff of fc1's bias + BatchNorm + GELU, then `lax.conv`,
+  and BatchNorm with `ops.PALLAS_BN_SUMS` (its backward sums as a Pallas kernel);
 - the train state's init drawn with JAX's threefry GPU kernel (as `init_sharded` does on GPUs)
   against XLA's threefry: bitwise equal.
 Error = max |fast - ref| / max |ref| per output; bounds: 1e-5 (float32; 5e-3 with TF32 matmuls
@@ -171,6 +172,23 @@ def cases(model: str, batch: int, length: int, dtype, seed: int):
     (
       f'batch_norm_train+gelu vs autodiff 56x56x{channels}',
       lambda x, s, b: ops.batch_norm_train(x, s, b, 1e-5, 'gelu')[0],
+      bn_plain,
+      (x, scale, shift),
+      (0, 1, 2),
+    )
+  )
+
+  def bn_pallas_sums(x, scale, shift):  # ops.PALLAS_BN_SUMS: the backward sums as a kernel
+    previous, ops.PALLAS_BN_SUMS = ops.PALLAS_BN_SUMS, True
+    try:
+      return ops.batch_norm_train(x, scale, shift, 1e-5, 'gelu')[0]
+    finally:
+      ops.PALLAS_BN_SUMS = previous
+
+  out.append(
+    (
+      f'batch_norm_train+gelu, Pallas backward sums vs autodiff 56x56x{channels}',
+      bn_pallas_sums,
       bn_plain,
       (x, scale, shift),
       (0, 1, 2),

@@ -247,17 +247,18 @@ case "${1:-}" in
   s27b)
     # The Pallas depthwise kernels' GPU checks at the tile-sum defaults (every case; s26's 80 s
     # cut the bf16 ones of stages 3-4 and the eval kernel) and of norm1's sums in the conv's
-    # backward (ops.FUSE_BN_BACKWARD); B's FFN blocks (remat as in the model): the Pallas
-    # kernels without PTX multiply-adds (as before session 27), main's Pallas, fused, fused with
-    # 8 backward warps (no spills), Pallas with 8 backward warps; then S's and M's eval in what
-    # is left.
+    # backward (ops.FUSE_BN_BACKWARD); the fused scan with and without PTX multiply-adds; B's
+    # FFN blocks (remat as in the model): the Pallas kernels without PTX multiply-adds (as
+    # before session 27), main's Pallas, fused, fused with 8 backward warps (no spills),
+    # BatchNorm's sums as a Pallas kernel (ops.PALLAS_BN_SUMS), that and fused; then S's and
+    # M's eval in what is left.
     main_py timeout 170 python3 scripts/check_kernels.py --model vcmamba_b --skip_timing \
-      --only pallas > "$OUT/check_pallas.log" 2>&1
+      --only pallas,sums > "$OUT/check_pallas.log" 2>&1
     elapsed check_pallas $?
     grep -E '^(ok|FAIL)|passed|FAILED' "$OUT/check_pallas.log" | cut -c1-150
     scan_launch 60 32,16,3,1,1,1 32,16,3,1,1,0  # the fused scan with / without PTX fma
     main_py timeout 170 python3 docs/pending/ffn_block_variants.py --batch 128 \
-      --remat_mlp fc2_input --variants 16,5,13,14,15 --json "$OUT/blocks.json" \
+      --remat_mlp fc2_input --variants 16,5,13,14,17,18 --json "$OUT/blocks.json" \
       > "$OUT/blocks.log" 2>&1
     elapsed blocks $?
     grep '^{' "$OUT/blocks.log" | cut -c1-400

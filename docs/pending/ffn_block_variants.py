@@ -76,6 +76,17 @@ VARIANTS = [
   {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas', 'launch': {'bwd_num_warps': 8}},
   # Session 27: the kernels' multiply-adds as Triton's mul + add (before session 27).
   {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas', 'launch': {'fma': False}},
+  # Session 27: BatchNorm's backward sums as a Pallas kernel (ops.PALLAS_BN_SUMS), alone and
+  # with norm1's fused into the conv's backward (then only mid_norm's and norm2's are left).
+  {'dk': 'sep', 'bar_dx': False, 'bar_y': False, 'impl': 'pallas', 'bn_sums': True},
+  {
+    'dk': 'sep',
+    'bar_dx': False,
+    'bar_y': False,
+    'impl': 'pallas',
+    'bn_sums': True,
+    'fuse_bn': True,
+  },
 ]
 
 
@@ -123,6 +134,7 @@ def use_variant(variant: dict) -> None:
   launch = variant.get('launch')
   depthwise_pallas.OVERRIDE = depthwise_pallas.LaunchConfig(**launch) if launch else None
   ops.FUSE_BN_BACKWARD = variant.get('fuse_bn', False)
+  ops.PALLAS_BN_SUMS = variant.get('bn_sums', False)
 
 
 def time_block(width: int, grid: int, batch: int, impl: str, remat: str, repeats: int = 20):

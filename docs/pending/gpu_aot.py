@@ -107,10 +107,11 @@ def compile_for_h100() -> None:
   topology = topologies.get_topology_desc(platform='cuda', target_config=H100, topology='1x1x1')
   # The model picks its GPU kernels by the default backend; this host's is the CPU.
   jax.default_backend = lambda: 'gpu'
-  from vcmamba_jax.models import depthwise_pallas, pallas_gpu, scan_pallas
+  from vcmamba_jax.models import batchnorm_pallas, depthwise_pallas, pallas_gpu, scan_pallas
   from vcmamba_jax.train import aot
 
   depthwise_pallas.available = lambda: True
+  batchnorm_pallas.available = lambda: True
   pallas_gpu.ptx_fma_works = lambda: True
   scan_pallas.fused_backend_available = lambda: True
   chip = aot.Chip('h100', 'NVIDIA H100 80GB HBM3', 80 * aot.GiB, 989.0, 3352.0)

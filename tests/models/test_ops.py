@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vcmamba_jax.models import depthwise_pallas, ops, pallas_gpu
+from vcmamba_jax.models import batchnorm_pallas, depthwise_pallas, ops, pallas_gpu
 
 
 def _value_and_grads(fn, args):
@@ -80,7 +80,7 @@ def test_pallas_depthwise_kernels_lower_to_triton_at_the_b_shapes(kernel, grid, 
   # No GPU here: a CUDA cross-lowering runs Pallas's Triton lowering (power-of-two tiles, ops
   # that Triton has), which the interpreter does not. The Mlp's 3x3 of stage 1 and the mixer's
   # 7x7 at batch 128: the forward (with the moments) and the backward kernel (also with
-  # BatchNorm's sums), and the inference kernel.
+  # BatchNorm's sums), the inference kernel, and BatchNorm's backward sums alone.
   x = jax.ShapeDtypeStruct((128, grid, grid, channels), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((kernel, kernel, channels), jnp.bfloat16)
   b = jax.ShapeDtypeStruct((channels,), jnp.float32)
@@ -90,6 +90,7 @@ def test_pallas_depthwise_kernels_lower_to_triton_at_the_b_shapes(kernel, grid, 
     (lambda x, g, k: depthwise_pallas.depthwise_backward(x, g, k), (x, x, k)),
     (lambda x, g, k, p: depthwise_pallas.depthwise_backward(x, g, k, bn=(x, p)), (x, x, k, p5)),
     (lambda x, k, p: depthwise_pallas.depthwise_bn_gelu(x, k, p), (x, k, p)),
+    (lambda x, g, b: batchnorm_pallas.backward_sums(x, g, b, b, b, b, 'gelu'), (x, x, b)),
   ]:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
     assert text.count('custom_call @__gpu$xla.gpu.triton') == 1
@@ -304,6 +305,47 @@ def test_mlp_under_remat_keeps_what_it_kept_before_the_fused_backward():
       jax.jit(jax.grad(functools.partial(loss, impl, 'fc2_input')))(variables['params'])
       for impl in ('pallas', 'taps')
     )
+  atol = 1e-5 * max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(want))
+  jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-4, atol=atol), got, want)
+
+
+@pytest.mark.parametrize('activation', ['none', 'relu', 'gelu'])
+def test_pallas_batch_norm_sums_are_the_backward_sums(activation):
+  """`batchnorm_pallas.backward_sums` (interpreter) against the sums `_bn_backward` takes, with
+  a row count that leaves the last tile partly masked (2 * 5 * 7 = 70 rows of 32-row tiles)."""
+  keys = jax.random.split(jax.random.key(13), 2)
+  x = jax.random.normal(keys[0], (2, 5, 7, 48)) * 2 + 1
+  dy = jax.random.normal(keys[1], x.shape)
+  mean, rstd = jnp.full((48,), 0.7), jnp.full((48,), 0.4)
+  scale, bias = jnp.linspace(0.5, 1.5, 48), jnp.linspace(-1.0, 1.0, 48)
+  got = batchnorm_pallas.backward_sums(x, dy, mean, rstd, scale, bias, activation, interpret=True)
+  xhat = (x - mean) * rstd
+  dz = dy * ops._activation_grad(xhat * scale + bias, activation)
+  for a, want in zip(got, (dz.sum((0, 1, 2)), (dz * xhat).sum((0, 1, 2)))):
+    np.testing.assert_allclose(a, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_batch_norm_train_with_the_pallas_sums_trains_as_with_xla(monkeypatch):
+  """`ops.PALLAS_BN_SUMS`: the Mlp's BatchNorms take their backward sums from the Pallas kernel
+  (interpreter here); every gradient as with XLA's reduction."""
+  from vcmamba_jax.models.layers import Mlp
+
+  x = jax.random.normal(jax.random.key(1), (2, 6, 7, 8))
+  variables = Mlp(16).init(jax.random.key(0), x, train=False)
+
+  def grads(pallas_sums):
+    monkeypatch.setattr(ops, 'PALLAS_BN_SUMS', pallas_sums)
+
+    def loss(params):
+      y, _ = Mlp(16, depthwise_impl='taps', remat='fc2_input').apply(
+        {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+      )
+      return jnp.sum(y * jnp.cos(y))
+
+    return jax.jit(jax.grad(loss))(variables['params'])
+
+  with jax.default_matmul_precision('highest'):
+    got, want = grads(True), grads(False)
   atol = 1e-5 * max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(want))
   jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-4, atol=atol), got, want)
 

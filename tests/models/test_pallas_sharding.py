@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vcmamba_jax import sharding
-from vcmamba_jax.models import depthwise_pallas, ops, scan_pallas
+from vcmamba_jax.models import batchnorm_pallas, depthwise_pallas, ops, scan_pallas
 
 
 def _mesh():
@@ -43,6 +43,9 @@ def test_the_gpu_kernels_see_one_devices_share_of_the_batch():
   p = jax.ShapeDtypeStruct((5, 256), jnp.float32, sharding=whole)
   with_bn = lambda x, g, k, p: depthwise_pallas.depthwise_backward(x, g, k, bn=(x, p))
   assert _triton_batches(with_bn, mesh, (x, x, k, p)) == [16]
+  # BatchNorm's backward sums: each device's 16 images as [16 * 56 * 56, C] rows.
+  sums = lambda x, g, b: batchnorm_pallas.backward_sums(x, g, b, b, b, b, 'gelu')
+  assert _triton_batches(sums, mesh, (x, x, b)) == [16 * 56 * 56]
   # The scan of B's Mamba layers: [batch, 4 directions, L, E] -> 512 sequences, 64 a device.
   f32 = jnp.float32
   seq = jax.ShapeDtypeStruct((128, 4, 49, 1024), jnp.bfloat16, sharding=split)
@@ -55,7 +58,8 @@ def test_the_gpu_kernels_see_one_devices_share_of_the_batch():
 
 def test_the_kernels_per_device_compute_what_they_compute_whole():
   # In the Pallas interpreter, 8 devices with 2 images (8 sequences) each against one device:
-  # outputs, batch moments and gradients (whose partials are summed across devices).
+  # outputs, batch moments, BatchNorm's backward sums and gradients (whose partials are summed
+  # across devices).
   mesh = _mesh()
   keys = jax.random.split(jax.random.key(3), 8)
   x = jax.random.normal(keys[0], (16, 5, 6, 16)) + 1
@@ -72,7 +76,11 @@ def test_the_kernels_per_device_compute_what_they_compute_whole():
     # On the CPU, impl 'pallas' and the fused scan run their kernels in the interpreter.
     y, (mean, var) = ops.depthwise_conv_with_moments(x, w, bias, impl='pallas')
     s = scan_pallas.selective_scan_fused(u, delta, A, B, C, D, interpret=True)
-    return jnp.sum(jnp.sin(y)) + jnp.sum(mean * var) + jnp.sum(jnp.sin(s)), (y, mean, var, s)
+    # (A backward pass's op, not differentiated: on stopped values.)
+    bn = jax.lax.stop_gradient((x, y, mean, jax.lax.rsqrt(var + 1e-5), w[0, 0, 0], bias))
+    sums = batchnorm_pallas.backward_sums(*bn, 'gelu', interpret=True)
+    loss = jnp.sum(jnp.sin(y)) + jnp.sum(mean * var) + jnp.sum(jnp.sin(s))
+    return loss, (y, mean, var, s, sums)
 
   run = jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True)
   whole = jax.jit(run)(*args)

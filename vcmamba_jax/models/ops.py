@@ -427,6 +427,26 @@ def _bn_forward(x, scale, bias, epsilon, activation, moments=None):
   return activate(z, activation).astype(x.dtype), mean, var, rstd
 
 
+# Whether train-mode BatchNorm's backward sums run as a Pallas kernel on GPUs
+# (`batchnorm_pallas.backward_sums`; on other backends in the interpreter, for tests) instead of
+# XLA's column reduction. Off until timed on a GPU; benchmarks set it
+# (docs/pending/run_with_kernel_config.py --pallas_bn_sums).
+PALLAS_BN_SUMS = False
+
+
+def _pallas_bn_sums(x, dy, mean, rstd, scale, bias, activation):
+  """(dbias, dscale) of `_bn_backward` from the Pallas kernel, or None where it is unavailable
+  on this GPU (one logged line; XLA then reduces)."""
+  from vcmamba_jax.models import batchnorm_pallas
+
+  interpret = jax.default_backend() != 'gpu'
+  if not interpret and not batchnorm_pallas.available():
+    return None
+  return batchnorm_pallas.backward_sums(
+    x, dy, mean, rstd, scale, bias, activation, interpret=interpret
+  )
+
+
 def _bn_fwd(x, scale, bias, epsilon, activation):
   y, mean, var, rstd = _bn_forward(x, scale, bias, epsilon, activation)
   return (y, mean, var), (x, scale, bias, mean, rstd)
@@ -447,6 +467,8 @@ def _bn_backward(activation, residuals, dy, sums=None):
       dz = dz * _activation_grad(xhat * scale + bias, activation)
     return xhat, dz
 
+  if sums is None and PALLAS_BN_SUMS:
+    sums = _pallas_bn_sums(x, dy, mean, rstd, scale, bias, activation)
   if sums is None:
     xhat, dz = normalized_and_dz(x)
     # One pass over (dy, x): both sums come out of one multi-output reduction fusion.
