@@ -129,6 +129,7 @@ def available() -> bool:
   logged line, elsewhere or if Pallas's Triton backend fails (BatchNorm then sums with XLA)."""
   if jax.default_backend() != 'gpu':
     return False
+  pallas_gpu.ptx_fma_works()  # its own check first, not from inside a kernel being traced
 
   def run():
     x = np.ones((2, 4, 4, 16), np.float32)

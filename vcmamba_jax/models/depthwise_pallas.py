@@ -401,6 +401,7 @@ def available() -> bool:
   formulation)."""
   if jax.default_backend() != 'gpu':
     return False
+  pallas_gpu.ptx_fma_works()  # its own check first, not from inside a kernel being traced
   return pallas_gpu.probe(run_each_kernel, 'Pallas depthwise conv', "the XLA formulation ('taps')")
 
 
