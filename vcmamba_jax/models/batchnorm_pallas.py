@@ -3,7 +3,7 @@
 
 Why: BatchNorm's backward needs two sums over pixels per channel, of dz = dy * act'(z) and of
 dz * xhat, before the elementwise dx pass can run. XLA runs them as a column reduction over
-[pixels, C], which an H100 profile of B's train step (2026-12-02, taps era,
+[pixels, C], which an H100 profile of B's train step (2026-12-06, taps era,
 docs/benchmarks/h100_bf16_profile_b_train.json) timed at ~1.15 TB/s for mid_norm's (0.36 ms for
 410 MB at stage 1). This kernel walks a slab of rows per program in [rows, blk] tiles, with the
 sums kept as tiles and reduced once at its end, as the depthwise kernels do. Not yet timed.
