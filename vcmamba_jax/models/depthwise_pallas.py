@@ -149,11 +149,10 @@ def _depthwise_bwd_kernel(*refs, height, width, width_p, ksize, rows, col0, inte
   """x_ref, g_ref [H, W', blk] (x and g; image column c at column c + col0); with `bn` also
   z_ref [H, W', blk] (the input of the train-mode BatchNorm + GELU that gave x, before a bias)
   and, after k_ref [K*K, blk], p_ref [5, blk] (its mean, rstd, scale, bias and the input's
-  bias) -> dx_ref [rows, W'', blk]
-  (the program's rows), dk_ref [K*K + 1 (+ 2 with bn), blk] float32: the kernel-gradient
-  partials of those rows, their bias-gradient partial (the sum of g), and with `bn` the
-  partials of BatchNorm's two backward sums (of dz and dz * zhat, dz = dx as stored times
-  GELU'), all accumulated as [Wp, blk] tiles and summed over W at the end."""
+  bias) -> dx_ref [rows, W'', blk] (the program's rows), dk_ref [K*K + 1 (+ 2 with bn), blk]
+  float32: the kernel-gradient partials of those rows, their bias-gradient partial (the sum of
+  g), and with `bn` the partials of BatchNorm's two backward sums (of dz and dz * zhat, dz = dx
+  as stored times GELU'), all accumulated as [Wp, blk] tiles and summed over W at the end."""
   from jax.experimental import pallas as pl
 
   if bn:
