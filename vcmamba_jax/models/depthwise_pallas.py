@@ -58,7 +58,8 @@ class LaunchConfig:
   3x3 shapes needs 255 registers and spills 192 bytes with 4 warps, 195 registers and no
   spills with 8 (deviceless `ptxas -v`, sm_90a); not yet timed.
 
-  fma (session 27, not yet timed): every multiply-add one PTX `fma.rn.f32` (`_fma`), and rows
+  fma (session 27, not yet timed): every multiply-add one PTX `fma.rn.f32` (`pallas_gpu.fma`;
+  the kernels' `fma` argument), and rows
   outside the image masked in the loads' predicates instead of selected after them. PTX
   instructions per row and thread (deviceless, sm_90a, B's shapes): 3x3 backward 696 -> 462,
   3x3 forward 406 -> 300, 7x7 backward 2,097 -> 1,355 (spills 1,748 -> 1,116 bytes), 7x7
@@ -130,12 +131,6 @@ def _load_row(ref, row, shift, *, width, width_p, col0, row_ok=None):
   return tile.astype(jnp.float32)
 
 
-def _fma(a: jax.Array, b: jax.Array, c: jax.Array, interpret: bool) -> jax.Array:
-  """a * b + c; on the GPU one PTX `fma.rn.f32` (`pallas_gpu.fma`) unless
-  `LaunchConfig(fma=False)`. b may be a [1, blk] row of a [Wp, blk] tile."""
-  return pallas_gpu.fma(a, b, c, not interpret and launch_config().fma)
-
-
 def _store_row(ref, row, value, *, width, width_p):
   """Stores the [Wp, blk] `value` at `row`, columns 0 .. W - 1 (the rest masked)."""
   from jax.experimental import pallas as pl
@@ -145,7 +140,7 @@ def _store_row(ref, row, value, *, width, width_p):
   plgpu.store(ref.at[row, pl.ds(0, width_p), :], value.astype(ref.dtype), mask=mask)
 
 
-def _depthwise_bwd_kernel(*refs, height, width, width_p, ksize, rows, col0, interpret, bn):
+def _depthwise_bwd_kernel(*refs, height, width, width_p, ksize, rows, col0, fma, bn):
   """x_ref, g_ref [H, W', blk] (x and g; image column c at column c + col0); with `bn` also
   z_ref [H, W', blk] (the input of the train-mode BatchNorm + GELU that gave x, before a bias)
   and, after k_ref [K*K, blk], p_ref [5, blk] (its mean, rstd, scale, bias and the input's
@@ -188,21 +183,21 @@ def _depthwise_bwd_kernel(*refs, height, width, width_p, ksize, rows, col0, inte
       for dj in range(ksize):
         t = di * ksize + dj
         xs = load(x_ref, x_row, dj - pad, row_ok=x_ok)  # x[r, w + dj - p]
-        acc[t] = _fma(xs, g_row, acc[t], interpret)
+        acc[t] = pallas_gpu.fma(xs, g_row, acc[t], fma)
         gs = load(g_ref, g_row_q, pad - dj, row_ok=g_ok)  # g[q, w - dj + p]
         k_t = kern[t][None, :]
-        dx = gs * k_t if dx is None else _fma(gs, k_t, dx, interpret)
+        dx = gs * k_t if dx is None else pallas_gpu.fma(gs, k_t, dx, fma)
     _store_row(dx_ref, i, dx, width=width, width_p=width_p)
     acc[taps] = acc[taps] + g_row
     if bn:  # BatchNorm's sums, from dx as stored (what its dz pass reads back)
       # z + its bias rounded to z's dtype (as XLA's add in that dtype), then normalised.
       z = (load(z_ref, h, 0) + z_bias).astype(z_ref.dtype).astype(f32)
       zhat = (z - mean) * rstd
-      slope = gelu_grad_in_kernel(_fma(zhat, scale, shift, interpret), interpret)
+      slope = gelu_grad_in_kernel(pallas_gpu.fma(zhat, scale, shift, fma), fma)
       dz = dx.astype(dx_ref.dtype).astype(f32) * slope
       dz = jnp.where(valid, dz, 0.0)  # columns >= W: dx there is not the image's
       acc[taps + 1] = acc[taps + 1] + dz
-      acc[taps + 2] = _fma(dz, zhat, acc[taps + 2], interpret)
+      acc[taps + 2] = pallas_gpu.fma(dz, zhat, acc[taps + 2], fma)
     return tuple(acc)
 
   zeros = jnp.zeros((width_p, *kern[0].shape), f32)
@@ -248,7 +243,7 @@ def _row_call(body, x, ksize, images, per_channel, partial_rows, interpret, num_
     ksize=ksize,
     rows=rows,
     col0=col0,
-    interpret=interpret,
+    fma=not interpret and launch.fma,
   )
 
   def call(*operands):  # on each device's images under a mesh (sharding.per_device)
@@ -317,7 +312,7 @@ def depthwise_backward(
 
 
 def _depthwise_fwd_kernel(
-  x_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize, rows, col0, interpret
+  x_ref, k_ref, b_ref, y_ref, stats_ref, *, height, width, width_p, ksize, rows, col0, fma
 ):
   """x_ref [H, W', blk] (image column c at column c + col0), k_ref [K*K, blk], b_ref [1, blk]
   -> y_ref [rows, W'', blk] (the program's rows) and stats_ref [2, blk]: the mean and sum of
@@ -347,14 +342,14 @@ def _depthwise_fwd_kernel(
       x_row = jnp.clip(r, 0, height - 1)
       for dj in range(ksize):
         xs, k_t = load(x_ref, x_row, dj - pad, row_ok=ok), kern[di * ksize + dj][None, :]
-        acc = xs * k_t if acc is None else _fma(xs, k_t, acc, interpret)
+        acc = xs * k_t if acc is None else pallas_gpu.fma(xs, k_t, acc, fma)
     # As ops.depthwise_conv's taps: the bias added in float32, one rounding.
     y = (acc + bias[None, :]).astype(y_ref.dtype)
     _store_row(y_ref, i, y, width=width, width_p=width_p)
     # Welford per column; columns >= W hold the bias only: they leave in the merge below.
     delta = y.astype(f32) - mean
-    mean = _fma(delta, 1.0 / (i + 1).astype(f32), mean, interpret)
-    m2 = _fma(delta, y.astype(f32) - mean, m2, interpret)
+    mean = pallas_gpu.fma(delta, 1.0 / (i + 1).astype(f32), mean, fma)
+    m2 = pallas_gpu.fma(delta, y.astype(f32) - mean, m2, fma)
     return mean, m2
 
   zeros = jnp.zeros((width_p, *bias.shape), f32)
@@ -400,7 +395,6 @@ def available() -> bool:
   formulation)."""
   if jax.default_backend() != 'gpu':
     return False
-  pallas_gpu.ptx_fma_works()  # its own check first, not from inside a kernel being traced
   return pallas_gpu.probe(run_each_kernel, 'Pallas depthwise conv', "the XLA formulation ('taps')")
 
 
@@ -437,29 +431,29 @@ _ERFC_P = 0.3275911
 _ERFC_C = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
-def _phi_and_pdf(z: jax.Array, interpret: bool = True) -> tuple[jax.Array, jax.Array]:
-  """The standard normal CDF Phi(z) (to 1e-7) and density of a float32 array (`interpret`:
-  outside a GPU kernel, no PTX multiply-adds)."""
+def _phi_and_pdf(z: jax.Array, in_ptx: bool = False) -> tuple[jax.Array, jax.Array]:
+  """The standard normal CDF Phi(z) (to 1e-7) and density of a float32 array (`in_ptx`: its
+  multiply-adds as PTX fma, inside a GPU kernel: `pallas_gpu.fma`)."""
   u = jnp.abs(z) * np.float32(1.0 / np.sqrt(2.0))
   t = 1.0 / (1.0 + _ERFC_P * u)
   poly = jnp.full_like(t, _ERFC_C[-1])
   for c in reversed(_ERFC_C[:-1]):
-    poly = _fma(t, poly, jnp.full_like(t, c), interpret)
+    poly = pallas_gpu.fma(t, poly, jnp.full_like(t, c), in_ptx)
   gauss = jnp.exp(-u * u)  # exp(-z^2 / 2)
   tail = 0.5 * t * poly * gauss  # Q(|z|) = P(Z > |z|)
   return jnp.where(z >= 0, 1.0 - tail, tail), gauss * np.float32(1.0 / np.sqrt(2.0 * np.pi))
 
 
-def gelu_in_kernel(z: jax.Array, interpret: bool = True) -> jax.Array:
+def gelu_in_kernel(z: jax.Array, in_ptx: bool = False) -> jax.Array:
   """Exact GELU z * Phi(z) of a float32 array, to 1e-7 of Phi, from ops Triton lowers."""
-  return z * _phi_and_pdf(z, interpret)[0]
+  return z * _phi_and_pdf(z, in_ptx)[0]
 
 
-def gelu_grad_in_kernel(z: jax.Array, interpret: bool = True) -> jax.Array:
+def gelu_grad_in_kernel(z: jax.Array, in_ptx: bool = False) -> jax.Array:
   """GELU'(z) = Phi(z) + z * pdf(z) of a float32 array (as `ops._activation_grad`), from one
   exp and one division."""
-  phi, pdf = _phi_and_pdf(z, interpret)
-  return _fma(z, pdf, phi, interpret)
+  phi, pdf = _phi_and_pdf(z, in_ptx)
+  return pallas_gpu.fma(z, pdf, phi, in_ptx)
 
 
 def _pow2_divisor(n: int) -> int:
@@ -510,7 +504,7 @@ def _depthwise_eval_kernel(xp_ref, k_ref, p_ref, y_ref, *, width, ksize, pixels,
       acc = part if acc is None else acc + part
     y = (acc + bias).astype(y_ref.dtype).astype(f32)
     z = pallas_gpu.fma(y - mean, mul, shift, fma)
-    y_ref[pl.ds(start, pixels), :] = gelu_in_kernel(z, not fma).astype(y_ref.dtype)
+    y_ref[pl.ds(start, pixels), :] = gelu_in_kernel(z, fma).astype(y_ref.dtype)
     return carry
 
   jax.lax.fori_loop(0, steps, tile, 0)

@@ -25,7 +25,14 @@ def compiler_params(num_warps: int, num_stages: int = 1):
 
 def probe(run: Callable[[], object], kernel: str, fallback: str) -> bool:
   """Calls `run` (which compiles and runs the kernel on tiny inputs); True if it works, else False
-  with one logged line naming the `fallback` that callers then use, never an exception."""
+  with one logged line naming the `fallback` that callers then use, never an exception. The
+  inline-fma check (`ptx_fma_works`) runs first, so that it never runs from inside a kernel
+  being traced."""
+  ptx_fma_works()
+  return _attempt(run, kernel, fallback)
+
+
+def _attempt(run: Callable[[], object], kernel: str, fallback: str) -> bool:
   try:
     run()
     return True
@@ -93,4 +100,4 @@ def ptx_fma_works() -> bool:
     if not np.allclose(got, want, rtol=1e-6, atol=1e-6):
       raise ValueError(f'fma.rn.f32 gave {got.ravel()[:3]}, expected {want.ravel()[:3]}')
 
-  return probe(check, 'inline PTX fma', 'separate multiplies and adds')
+  return _attempt(check, 'inline PTX fma', 'separate multiplies and adds')

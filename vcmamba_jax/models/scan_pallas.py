@@ -330,7 +330,6 @@ def probe_fused_kernels() -> bool:
   """Lowers, compiles and runs the fused kernels on tiny inputs; False (with one
   logged line) on any failure. Independent of any trace in progress: it lowers from shapes and
   runs on NumPy inputs."""
-  pallas_gpu.ptx_fma_works()  # its own check first, not from inside a kernel being traced
 
   def run():
     f32 = np.float32
